@@ -1,0 +1,109 @@
+//! Configuration turned into run-time state: the `Snapshot` (config, routes, pipeline) that
+//! each session loads once, the swap on reload, and the shutdown phase every session watches.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError};
+use crate::policy::relay_control::RelayControl;
+use crate::policy::{Check, OnError, Pipeline};
+use crate::upstream::Routes;
+
+/// Where the process is in its life; sessions watch it to finish cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Stop accepting; idle sessions close with `421 4.3.2`, transactions may finish.
+    Draining,
+    /// The grace period is over: every session closes with `421 4.3.2` now.
+    Deadline,
+}
+
+/// Everything a session needs, immutable; a reload builds a new one.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub routes: Arc<Routes>,
+    pub pipeline: Pipeline,
+}
+
+impl Snapshot {
+    /// Builds the run-time state from a validated configuration. Upstreams unchanged since
+    /// `previous` keep their probed capabilities.
+    pub fn build(config: Config, previous: Option<&Self>, extra_checks: &[Arc<dyn Check>]) -> Self {
+        let routes = Arc::new(Routes::build(&config, previous.map(|p| p.routes.as_ref())));
+        let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(RelayControl::new(routes.clone()))];
+        checks.extend(extra_checks.iter().cloned());
+        Self {
+            config: Arc::new(config),
+            routes,
+            pipeline: Pipeline::new(checks, OnError::TempFail),
+        }
+    }
+}
+
+/// The running application: the current snapshot and the shutdown signal.
+pub struct App {
+    snapshot: ArcSwap<Snapshot>,
+    phase: watch::Sender<Phase>,
+    /// Checks added by the embedder (tests, extensions), kept across reloads.
+    extra_checks: Vec<Arc<dyn Check>>,
+    pub started: Instant,
+}
+
+impl App {
+    pub fn new(config: Config) -> Arc<Self> {
+        Self::with_checks(config, Vec::new())
+    }
+
+    /// Like `new`, with additional checks run after the built-in ones.
+    pub fn with_checks(config: Config, extra_checks: Vec<Arc<dyn Check>>) -> Arc<Self> {
+        let snapshot = Snapshot::build(config, None, &extra_checks);
+        Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            phase: watch::Sender::new(Phase::Running),
+            extra_checks,
+            started: Instant::now(),
+        })
+    }
+
+    /// The current snapshot; a session keeps the one it started with.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Swaps in a new configuration for new sessions. Listener addresses and the
+    /// development upstream are not reloadable: changes to them are reported and ignored
+    /// until restart. Returns the warnings.
+    pub fn reload(&self, config: Config) -> Vec<String> {
+        let old = self.snapshot();
+        let mut warnings = Vec::new();
+        if old.config.listeners != config.listeners {
+            warnings.push("listener: address changes take effect after a restart".to_string());
+        }
+        if old.config.devsink != config.devsink {
+            warnings.push("devsink: changes take effect after a restart".to_string());
+        }
+        let new = Snapshot::build(config, Some(&old), &self.extra_checks);
+        self.snapshot.store(Arc::new(new));
+        warnings
+    }
+
+    /// Reads, validates and applies a configuration file; on any error the running
+    /// configuration stays and the error says why.
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+        let config = Config::load(path)?;
+        Ok(self.reload(config))
+    }
+
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+}

@@ -1,0 +1,31 @@
+//! thassp: an anti-spam SMTP proxy. It listens where the world delivers mail, refuses spam
+//! with cheap, robust checks, and relays the rest, in the same session, to the real MTA.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration, its defaults and validation (plain data).
+//! - [`app`]: configuration turned into run-time state (`Snapshot`), reload, shutdown phase.
+//! - [`server`]: listeners, accept loop, connection cap, one task per connection, drain.
+//! - [`smtp::codec`]: sans-IO wire format: commands, replies, DATA framing, dot-stuffing.
+//! - [`smtp::address`]: envelope address parsing that keeps every relay trick visible.
+//! - [`smtp::session`]: the client-side state machine; asks the policy at each stage.
+//! - [`smtp::relay`]: the client towards the upstream MTA (lockstep).
+//! - [`upstream`]: upstream MTAs, their probed capabilities, and domain routing.
+//! - [`policy`]: stages, verdicts, the `Check` trait and the pipeline; one file per check.
+//! - [`devsink`]: a development upstream that stores mail as files (trying out, tests).
+//!
+//! # Promises
+//!
+//! No mail is lost (250 only after the upstream's 250); never an open relay; no smuggling
+//! (only `<CRLF>.<CRLF>` ends DATA); hostile input costs bounded work; mail flow never waits
+//! on bookkeeping.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod devsink;
+pub mod policy;
+pub mod server;
+pub mod smtp;
+pub mod upstream;

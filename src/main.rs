@@ -1,0 +1,128 @@
+//! The `thassp` command: `run` the proxy, `check-config` a file. Sets up logging, turns
+//! signals into shutdown (SIGTERM, SIGINT) and reload (SIGHUP).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{error, info, warn};
+
+use thassp::app::App;
+use thassp::config::Config;
+
+#[derive(Parser)]
+#[command(name = "thassp", version, about = "Anti-spam SMTP proxy in front of your MTA")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        global = true,
+        env = "THASSP_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the configuration.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(short, long, env = "THASSP_CONFIG")]
+        config: PathBuf,
+    },
+    /// Parse and validate a configuration file; exit 0 when it is usable, 1 otherwise.
+    CheckConfig {
+        /// Configuration file (TOML).
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("THASSP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: configuration is valid", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run { config } => {
+            init_logging(cli.log_format);
+            let loaded = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(loaded, config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let app = App::new(config);
+    let running = thassp::server::start(app.clone()).await?;
+    info!(version = env!("CARGO_PKG_VERSION"), "thassp started.");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match app.reload_from(&path) {
+                Ok(warnings) => {
+                    for w in warnings {
+                        warn!("{w}");
+                    }
+                    info!(config = %path.display(), "Configuration reloaded.");
+                }
+                Err(e) => error!("Reload failed, the running configuration stays: {e}"),
+            },
+        }
+    }
+    info!("Shutting down: no new connections; sessions in flight may finish.");
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! Listeners and connection tasks: bind every configured address, accept with a global
+//! connection cap, run one task per connection, probe the upstreams, and drain on shutdown
+//! (stop accepting, let sessions finish up to the grace period, then `421 4.3.2`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::app::{App, Phase};
+use crate::policy::SessionInfo;
+use crate::smtp::relay;
+use crate::smtp::session::Session;
+
+/// How long sessions still running after the grace period get to write their `421`.
+const HARD_STOP_AFTER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A started server: its bound addresses and the handles to stop it.
+pub struct Running {
+    /// The SMTP listeners' addresses, in configuration order (real ports when 0 was given).
+    pub smtp_addrs: Vec<SocketAddr>,
+    /// The development upstream's address when it is enabled.
+    pub devsink_addr: Option<SocketAddr>,
+    app: Arc<App>,
+    tracker: TaskTracker,
+    /// Stops the accept loops and the prober.
+    stop_accepting: CancellationToken,
+    /// Ends every session task at once (after the deadline).
+    kill: CancellationToken,
+    /// The development upstream outlives the sessions that relay to it.
+    devsink: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+/// Binds the listeners (and the development upstream), probes the upstreams once (bounded)
+/// and starts accepting.
+///
+/// # Errors
+/// When an address cannot be bound; the message names the config key.
+pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
+    let snap = app.snapshot();
+    let config = snap.config.clone();
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let kill = CancellationToken::new();
+
+    let mut devsink = None;
+    let devsink_addr = if config.devsink.enabled {
+        let listener = TcpListener::bind(&config.devsink.address)
+            .await
+            .with_context(|| format!("devsink.address: cannot listen on {}", config.devsink.address))?;
+        let addr = listener.local_addr()?;
+        let sink = crate::devsink::Devsink::new(config.devsink.directory.clone(), config.hostname());
+        let stop = CancellationToken::new();
+        devsink = Some((stop.clone(), tokio::spawn(sink.serve(listener, stop))));
+        info!(address = %addr, directory = %config.devsink.directory.display(), "Development upstream listening (for trying out only).");
+        Some(addr)
+    } else {
+        None
+    };
+
+    let mut listeners = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let listener = TcpListener::bind(&l.address)
+            .await
+            .with_context(|| format!("listener[{i}].address: cannot listen on {}", l.address))?;
+        listeners.push((listener, l.hostname.clone().unwrap_or_else(|| config.hostname())));
+    }
+
+    // A bounded first probe, so the first EHLO already reflects the upstreams' extensions.
+    let first = futures_util::future::join_all(snap.routes.upstreams.iter().map(probe_one));
+    let _ = tokio::time::timeout(Duration::from_secs(3), first).await;
+    tracker.spawn(probe_loop(app.clone(), stop_accepting.clone()));
+
+    let connections = Arc::new(Semaphore::new(config.server.max_connections));
+    let mut smtp_addrs = Vec::new();
+    for (listener, hostname) in listeners {
+        let addr = listener.local_addr()?;
+        smtp_addrs.push(addr);
+        info!(address = %addr, hostname = %hostname, "Listening for SMTP.");
+        let acceptor = Acceptor {
+            listener,
+            hostname,
+            app: app.clone(),
+            connections: connections.clone(),
+            tracker: tracker.clone(),
+            kill: kill.clone(),
+        };
+        tracker.spawn(acceptor.run(stop_accepting.clone()));
+    }
+    Ok(Running {
+        smtp_addrs,
+        devsink_addr,
+        app,
+        tracker,
+        stop_accepting,
+        kill,
+        devsink,
+    })
+}
+
+impl Running {
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Graceful shutdown: stop accepting, let sessions finish within the configured grace,
+    /// then tell the rest `421 4.3.2` and end them. Returns once every task has ended.
+    pub async fn shutdown(self) {
+        let grace = self.app.snapshot().config.server.shutdown_grace;
+        self.stop_accepting.cancel();
+        self.app.set_phase(Phase::Draining);
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            warn!(
+                sessions = self.tracker.len(),
+                "Shutdown grace period over; closing the remaining sessions with 421."
+            );
+            self.app.set_phase(Phase::Deadline);
+            if tokio::time::timeout(HARD_STOP_AFTER_DEADLINE, self.tracker.wait())
+                .await
+                .is_err()
+            {
+                self.kill.cancel();
+                self.tracker.wait().await;
+            }
+        }
+        if let Some((stop, handle)) = self.devsink {
+            stop.cancel();
+            let _ = handle.await;
+        }
+        info!("All sessions ended.");
+    }
+}
+
+struct Acceptor {
+    listener: TcpListener,
+    hostname: String,
+    app: Arc<App>,
+    connections: Arc<Semaphore>,
+    tracker: TaskTracker,
+    kill: CancellationToken,
+}
+
+impl Acceptor {
+    async fn run(self, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                r = self.listener.accept() => r,
+                () = stop.cancelled() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "Accept failed; retrying shortly.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                self.tracker.spawn(refuse_busy(stream, self.hostname.clone()));
+                continue;
+            };
+            let local = stream.local_addr().unwrap_or(peer);
+            let info = SessionInfo {
+                id: session_id(),
+                peer,
+                local,
+                hostname: self.hostname.clone(),
+                helo: None,
+                esmtp: false,
+                authenticated: None,
+            };
+            let span = info_span!("session", id = %info.id, client = %peer);
+            let session = Session::new(stream, self.app.snapshot(), info, self.app.phase());
+            let kill = self.kill.clone();
+            self.tracker.spawn(
+                async move {
+                    let _permit = permit;
+                    tokio::select! {
+                        _ = session.run() => {}
+                        () = kill.cancelled() => {}
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+async fn refuse_busy(mut stream: TcpStream, hostname: String) {
+    let reply = format!("421 4.7.0 {hostname} Too many connections, try again later\r\n");
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Unique, sortable session ids: seconds since the epoch at start-up, then a counter.
+fn session_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    format!("{base:X}{:06X}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn probe_one(up: &Arc<crate::upstream::Upstream>) {
+    match relay::probe(up).await {
+        Ok(_) => up.record_probe(None),
+        Err(e) => {
+            warn!(upstream = %up.name, error = %e, "Upstream probe failed.");
+            up.record_probe(Some(e.to_string()));
+        }
+    }
+}
+
+/// Re-probes each upstream of the current snapshot when its interval has passed.
+async fn probe_loop(app: Arc<App>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+        let snap = app.snapshot();
+        let due = snap.routes.upstreams.iter().filter(|u| {
+            u.health()
+                .last_probe
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age >= u.probe_interval)
+        });
+        let probes = futures_util::future::join_all(due.map(probe_one));
+        tokio::select! {
+            _ = probes => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}

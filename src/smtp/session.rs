@@ -1,0 +1,1133 @@
+//! One client session: the SMTP state machine over any byte stream. It asks the policy
+//! pipeline at each stage, relays the accepted envelope to the upstream in lockstep and
+//! answers `250` to a message only after the upstream did. It never touches stores or DNS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::address::Address;
+use super::codec::{
+    self, BareLineEnd, COMMAND_LINE_MAX, Command, CommandError, DataReader, DataViolation, ENVELOPE_LINE_MAX,
+    LineStatus, Param, Reply,
+};
+use super::relay::{RelayError, UpstreamConn};
+use crate::app::{Phase, Snapshot};
+use crate::config::BareLineEndPolicy;
+use crate::policy::{Action, Category, Context, Refusal, SessionInfo, Stage};
+use crate::upstream::{Capabilities, Upstream};
+
+/// Why a session ends early.
+#[derive(Debug)]
+enum Stop {
+    /// The client closed the connection (or it broke).
+    ClientGone,
+    Timeout,
+    Shutdown,
+    TooManyErrors,
+    /// A refusal that closes the session (connect-stage rejection, QUIT).
+    Closed,
+}
+
+/// What the session did, for the log line at its end (and the event log later).
+#[derive(Debug, Clone)]
+pub struct SessionSummary {
+    pub outcome: Category,
+    pub check: Option<&'static str>,
+    pub transactions: u32,
+    pub delivered: u32,
+    pub last_reply: Option<String>,
+}
+
+/// One mail transaction, from MAIL to the end of DATA or RSET.
+#[derive(Debug)]
+struct Transaction {
+    from: Address,
+    params: Vec<Param>,
+    smtputf8: bool,
+    declared_size: Option<u64>,
+    /// Recipients the client was told `250` for, with their parameters.
+    rcpts: Vec<(Address, Vec<Param>)>,
+    /// The upstream every recipient of this transaction goes to.
+    route: Option<Arc<Upstream>>,
+    /// The upstream accepted a recipient that thassp then refused to the client: the
+    /// upstream envelope must be rebuilt before DATA.
+    upstream_dirty: bool,
+    /// The upstream failed mid-transaction: every further command of this transaction gets
+    /// this reply, so nothing is acknowledged that cannot be delivered.
+    failed: Option<Reply>,
+    /// Most significant refusal seen in this transaction, for the outcome category.
+    refusal: Option<(Category, Option<&'static str>)>,
+}
+
+pub struct Session<S> {
+    io: S,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    snap: Arc<Snapshot>,
+    info: SessionInfo,
+    shutdown: watch::Receiver<Phase>,
+    /// What our last EHLO reply advertised: MAIL/RCPT parameters are checked against it.
+    advertised: Option<Capabilities>,
+    tx: Option<Transaction>,
+    upstream: Option<UpstreamConn>,
+    errors: u32,
+    seen_command: bool,
+    /// Discarding the rest of an over-long command line.
+    discarding: bool,
+    summary: SessionSummary,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(io: S, snap: Arc<Snapshot>, info: SessionInfo, shutdown: watch::Receiver<Phase>) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::with_capacity(4096),
+            wbuf: Vec::with_capacity(1024),
+            snap,
+            info,
+            shutdown,
+            advertised: None,
+            tx: None,
+            upstream: None,
+            errors: 0,
+            seen_command: false,
+            discarding: false,
+            summary: SessionSummary {
+                outcome: Category::Aborted,
+                check: None,
+                transactions: 0,
+                delivered: 0,
+                last_reply: None,
+            },
+        }
+    }
+
+    /// Runs the session to its end and returns what happened.
+    pub async fn run(mut self) -> SessionSummary {
+        let result = self.serve().await;
+        let stop_reply = match &result {
+            Ok(()) | Err(Stop::Closed) | Err(Stop::ClientGone) => None,
+            Err(Stop::Timeout) => Some(Reply::build(
+                421,
+                "4.4.2",
+                format!("{} Error: timeout exceeded", self.info.hostname),
+            )),
+            Err(Stop::Shutdown) => Some(Reply::build(
+                421,
+                "4.3.2",
+                format!("{} Service shutting down, try again later", self.info.hostname),
+            )),
+            Err(Stop::TooManyErrors) => Some(Reply::build(
+                421,
+                "4.7.0",
+                format!("{} Error: too many errors", self.info.hostname),
+            )),
+        };
+        if let Some(r) = stop_reply {
+            self.reply(&r);
+        }
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+        if let Some(up) = self.upstream.take() {
+            up.quit().await;
+        }
+        // A transaction still open when the session ended was abandoned.
+        if self.tx.is_some() && matches!(result, Err(Stop::ClientGone | Stop::Timeout | Stop::Shutdown)) {
+            self.summary.outcome = Category::Aborted;
+        }
+        let s = &self.summary;
+        info!(
+            session = %self.info.id,
+            client = %self.info.peer.ip(),
+            helo = self.info.helo.as_deref().unwrap_or(""),
+            outcome = %s.outcome,
+            check = s.check.unwrap_or(""),
+            transactions = s.transactions,
+            delivered = s.delivered,
+            reply = s.last_reply.as_deref().unwrap_or(""),
+            "Session ended."
+        );
+        self.summary
+    }
+
+    async fn serve(&mut self) -> Result<(), Stop> {
+        let decision = self
+            .snap
+            .pipeline
+            .run(&self.context(Stage::Connect, None, None))
+            .await;
+        if let Some(refusal) = refusal_of(&decision.action) {
+            self.summary.outcome = refusal.category;
+            self.summary.check = decision.check;
+            let reply = refusal.reply.clone();
+            self.reply(&reply);
+            return Err(Stop::Closed);
+        }
+        let banner = Reply::new(
+            220,
+            codec::Enhanced(2, 0, 0),
+            format!("{} ESMTP thassp", self.info.hostname),
+        );
+        // The greeting carries no enhanced code (RFC 2034 §3).
+        self.reply(&Reply {
+            enhanced: None,
+            ..banner
+        });
+        loop {
+            let line = self.next_line().await?;
+            self.seen_command = true;
+            self.handle_line(&line).await?;
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // I/O
+    // --------------------------------------------------------------------------------------
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.wbuf);
+        self.summary.last_reply = Some(r.summary());
+    }
+
+    /// Sends a refusal and counts it towards `smtp.max_errors`.
+    fn error_reply(&mut self, r: &Reply) -> Result<(), Stop> {
+        self.reply(r);
+        if r.code >= 500 {
+            self.errors += 1;
+            if self.errors >= self.snap.config.smtp.max_errors {
+                return Err(Stop::TooManyErrors);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.snap.config.smtp.command_timeout;
+        let result = tokio::time::timeout(timeout, self.io.write_all(&self.wbuf)).await;
+        self.wbuf.clear();
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::ClientGone),
+            Err(_) => Err(Stop::Timeout),
+        }
+    }
+
+    /// Reads more input. Replies queued so far are written first (RFC 2920: a server may
+    /// hold replies only while more pipelined commands are already buffered).
+    async fn fill(&mut self, timeout: Duration, interruptible: bool) -> Result<(), Stop> {
+        self.flush().await?;
+        let stops = |p: Phase| p == Phase::Deadline || (interruptible && p == Phase::Draining);
+        if stops(*self.shutdown.borrow()) {
+            return Err(Stop::Shutdown);
+        }
+        self.rbuf.reserve(4096);
+        let shutdown = &mut self.shutdown;
+        let wait_shutdown = async {
+            loop {
+                if shutdown.changed().await.is_err() {
+                    // The app is gone without a shutdown phase: nothing more to wait for.
+                    std::future::pending::<()>().await;
+                }
+                if stops(*shutdown.borrow()) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(timeout, self.io.read_buf(&mut self.rbuf)) => match r {
+                Err(_) => Err(Stop::Timeout),
+                Ok(Ok(0)) | Ok(Err(_)) => Err(Stop::ClientGone),
+                Ok(Ok(_)) => Ok(()),
+            },
+            () = wait_shutdown => Err(Stop::Shutdown),
+        }
+    }
+
+    /// The next command line (without terminator). Over-long lines are refused and skipped
+    /// without being buffered.
+    async fn next_line(&mut self) -> Result<Vec<u8>, Stop> {
+        loop {
+            if self.discarding {
+                match self.rbuf.iter().position(|&b| b == b'\n') {
+                    Some(nl) => {
+                        self.rbuf.advance(nl + 1);
+                        self.discarding = false;
+                        self.error_reply(&Reply::build(500, "5.5.2", "Line too long"))?;
+                        continue;
+                    }
+                    None => self.rbuf.clear(),
+                }
+            } else {
+                match codec::find_line(&self.rbuf, ENVELOPE_LINE_MAX) {
+                    LineStatus::Complete { len, content } => {
+                        let line = self.rbuf[..content].to_vec();
+                        self.rbuf.advance(len);
+                        return Ok(line);
+                    }
+                    LineStatus::TooLong => {
+                        self.discarding = true;
+                        continue;
+                    }
+                    LineStatus::Incomplete => {}
+                }
+            }
+            let smtp = &self.snap.config.smtp;
+            let timeout = if self.seen_command {
+                smtp.command_timeout
+            } else {
+                smtp.greeting_timeout
+            };
+            let interruptible = self.tx.is_none();
+            self.fill(timeout, interruptible).await?;
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Commands
+    // --------------------------------------------------------------------------------------
+
+    async fn handle_line(&mut self, line: &[u8]) -> Result<(), Stop> {
+        let command = match codec::parse_command(line) {
+            Ok(c) => c,
+            Err(e) => return self.error_reply(&syntax_reply(&e)),
+        };
+        let envelope = matches!(command, Command::Mail { .. } | Command::Rcpt { .. });
+        if !envelope && line.len() + 2 > COMMAND_LINE_MAX {
+            return self.error_reply(&Reply::build(500, "5.5.2", "Line too long"));
+        }
+        match command {
+            Command::Helo(name) => self.handle_helo(name, false).await,
+            Command::Ehlo(name) => self.handle_helo(name, true).await,
+            Command::Mail { from, params } => self.handle_mail(from, params).await,
+            Command::Rcpt { to, params } => self.handle_rcpt(to, params).await,
+            Command::Data => self.handle_data().await,
+            Command::Rset => {
+                self.abort_transaction();
+                self.reply(&Reply::build(250, "2.0.0", "Ok"));
+                Ok(())
+            }
+            Command::Noop => {
+                self.reply(&Reply::build(250, "2.0.0", "Ok"));
+                Ok(())
+            }
+            Command::Quit => {
+                self.reply(&Reply::build(221, "2.0.0", "Bye"));
+                if self.summary.transactions == 0 && self.summary.outcome == Category::Aborted {
+                    self.summary.outcome = Category::Other;
+                }
+                Err(Stop::Closed)
+            }
+            Command::Vrfy => {
+                self.reply(&Reply::build(
+                    252,
+                    "2.5.0",
+                    "Cannot VRFY user, but will accept message and attempt delivery",
+                ));
+                Ok(())
+            }
+            Command::Expn => self.error_reply(&Reply::build(502, "5.5.1", "EXPN not available")),
+            Command::Help => {
+                self.reply(&Reply {
+                    code: 214,
+                    enhanced: Some(codec::Enhanced(2, 0, 0)),
+                    lines: vec![
+                        "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP".into(),
+                        "See RFC 5321; mail for this server's domains only".into(),
+                    ],
+                });
+                Ok(())
+            }
+            Command::StartTls | Command::Auth(_) | Command::Bdat => {
+                self.error_reply(&Reply::build(502, "5.5.1", "Command not implemented here"))
+            }
+            Command::Unknown(_) => self.error_reply(&Reply::build(500, "5.5.2", "Command not recognized")),
+        }
+    }
+
+    fn context<'a>(
+        &'a self,
+        stage: Stage,
+        rcpt: Option<&'a Address>,
+        message: Option<&'a [u8]>,
+    ) -> Context<'a> {
+        Context {
+            stage,
+            session: &self.info,
+            sender: self.tx.as_ref().map(|t| &t.from),
+            recipient: rcpt,
+            recipients: &[],
+            message,
+        }
+    }
+
+    async fn handle_helo(&mut self, name: String, esmtp: bool) -> Result<(), Stop> {
+        self.abort_transaction();
+        self.info.helo = Some(name);
+        self.info.esmtp = esmtp;
+        let decision = self
+            .snap
+            .pipeline
+            .run(&self.context(Stage::Helo, None, None))
+            .await;
+        if let Some(refusal) = refusal_of(&decision.action) {
+            self.info.helo = None;
+            self.summary.outcome = refusal.category;
+            self.summary.check = decision.check;
+            let reply = refusal.reply.clone();
+            return self.error_reply(&reply);
+        }
+        if !esmtp {
+            self.advertised = None;
+            self.reply(&Reply {
+                code: 250,
+                enhanced: None,
+                lines: vec![self.info.hostname.clone()],
+            });
+            return Ok(());
+        }
+        // Advertise only what every upstream supports, since the route is not known yet.
+        let up = self.snap.routes.common_capabilities().unwrap_or_default();
+        let max = self.snap.config.smtp.max_message_size;
+        let adv = Capabilities {
+            pipelining: true,
+            size: Some(max),
+            eight_bit_mime: up.eight_bit_mime,
+            smtputf8: up.smtputf8,
+            dsn: up.dsn,
+            enhanced_status_codes: true,
+            ..Capabilities::default()
+        };
+        let mut lines = vec![
+            self.info.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {max}"),
+        ];
+        if adv.eight_bit_mime {
+            lines.push("8BITMIME".into());
+        }
+        lines.push("ENHANCEDSTATUSCODES".into());
+        if adv.smtputf8 {
+            lines.push("SMTPUTF8".into());
+        }
+        if adv.dsn {
+            lines.push("DSN".into());
+        }
+        self.advertised = Some(adv);
+        self.reply(&Reply {
+            code: 250,
+            enhanced: None,
+            lines,
+        });
+        Ok(())
+    }
+
+    async fn handle_mail(&mut self, from: Address, params: Vec<Param>) -> Result<(), Stop> {
+        if self.info.helo.is_none() {
+            return self.error_reply(&Reply::build(503, "5.5.1", "Send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.error_reply(&Reply::build(503, "5.5.1", "Nested MAIL command"));
+        }
+        let adv = self.advertised.clone().unwrap_or_default();
+        let mut smtputf8 = false;
+        let mut declared_size = None;
+        for p in &params {
+            let value = p.value.as_deref();
+            let ok = match (p.key.as_str(), value) {
+                ("SIZE", Some(v)) if adv.size.is_some() => match v.parse::<u64>() {
+                    Ok(n) => {
+                        declared_size = Some(n);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                ("BODY", Some(v)) if adv.eight_bit_mime => {
+                    v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME")
+                }
+                ("SMTPUTF8", None) if adv.smtputf8 => {
+                    smtputf8 = true;
+                    true
+                }
+                ("RET", Some(v)) if adv.dsn => {
+                    v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS")
+                }
+                ("ENVID", Some(_)) if adv.dsn => true,
+                _ => {
+                    let r = Reply::build(555, "5.5.4", format!("Unsupported MAIL parameter {}", p.key));
+                    return self.error_reply(&r);
+                }
+            };
+            if !ok {
+                return self.error_reply(&Reply::build(
+                    501,
+                    "5.5.4",
+                    format!("Bad value for MAIL parameter {}", p.key),
+                ));
+            }
+        }
+        if declared_size.is_some_and(|n| n > self.snap.config.smtp.max_message_size) {
+            self.summary.outcome = Category::Size;
+            return self.error_reply(&Reply::build(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            ));
+        }
+        if from.utf8 && !smtputf8 {
+            return self.error_reply(&Reply::build(
+                553,
+                "5.6.7",
+                "Non-ASCII address requires the SMTPUTF8 parameter",
+            ));
+        }
+        self.tx = Some(Transaction {
+            from,
+            params,
+            smtputf8,
+            declared_size,
+            rcpts: Vec::new(),
+            route: None,
+            upstream_dirty: false,
+            failed: None,
+            refusal: None,
+        });
+        let decision = self
+            .snap
+            .pipeline
+            .run(&self.context(Stage::Mail, None, None))
+            .await;
+        if let Some(refusal) = refusal_of(&decision.action) {
+            let refusal = refusal.clone();
+            self.end_transaction(Some((refusal.category, decision.check)));
+            return self.error_reply(&refusal.reply);
+        }
+        // With a single upstream the route is known now: open the upstream transaction so
+        // the MTA's own verdict on the sender reaches the client at MAIL.
+        if let Some(up) = self.snap.routes.single_upstream().cloned() {
+            match self.open_upstream_transaction(&up).await {
+                Ok(reply) if reply.is_positive() => {
+                    self.reply(&reply.with_default_enhanced((1, 0)));
+                }
+                Ok(reply) => {
+                    self.end_transaction(Some((Category::Other, Some("upstream"))));
+                    return self.error_reply(&reply.with_default_enhanced((0, 0)));
+                }
+                Err(reply) => {
+                    self.end_transaction(Some((Category::UpstreamError, Some("upstream"))));
+                    return self.error_reply(&reply);
+                }
+            }
+        } else {
+            self.reply(&Reply::build(250, "2.1.0", "Sender ok"));
+        }
+        Ok(())
+    }
+
+    /// Makes sure an upstream connection to `up` exists with MAIL FROM sent for the current
+    /// transaction. Returns the upstream's reply to MAIL, or the 4xx for the client when the
+    /// upstream cannot be used.
+    async fn open_upstream_transaction(&mut self, up: &Arc<Upstream>) -> Result<Reply, Reply> {
+        let reusable = self
+            .upstream
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.upstream, up) && !c.broken);
+        if !reusable {
+            if let Some(old) = self.upstream.take() {
+                old.quit().await;
+            }
+            match UpstreamConn::connect(up).await {
+                Ok(c) => self.upstream = Some(c),
+                Err(e) => return Err(self.upstream_failure(&e)),
+            }
+        }
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(Reply::build(503, "5.5.1", "Need MAIL command"));
+        };
+        let Some(conn) = self.upstream.as_mut() else {
+            return Err(Reply::build(
+                451,
+                "4.4.1",
+                "Upstream unavailable, try again later",
+            ));
+        };
+        if conn.in_transaction
+            && let Err(e) = conn.rset().await
+        {
+            let r = self.upstream_failure(&e);
+            self.upstream = None;
+            return Err(r);
+        }
+        let line = match mail_line(tx, &conn.caps) {
+            Ok(l) => l,
+            Err(r) => return Err(r),
+        };
+        match conn.command(line.as_bytes(), "MAIL").await {
+            Ok(reply) if reply.code == 421 => Err(self.upstream_closed(&reply)),
+            Ok(reply) => {
+                if reply.is_positive() {
+                    conn.in_transaction = true;
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.route = Some(up.clone());
+                    }
+                }
+                Ok(reply)
+            }
+            Err(e) => Err(self.upstream_failure(&e)),
+        }
+    }
+
+    fn upstream_failure(&self, e: &RelayError) -> Reply {
+        warn!(session = %self.info.id, client = %self.info.peer.ip(), error = %e, "Upstream failed; the client gets a temporary failure.");
+        Reply::build(451, "4.4.1", "Upstream mail server unavailable, try again later")
+    }
+
+    fn upstream_closed(&self, reply: &Reply) -> Reply {
+        warn!(session = %self.info.id, upstream_reply = %reply, "Upstream closed the session with 421.");
+        Reply::build(
+            451,
+            "4.4.1",
+            "Upstream mail server is not accepting mail right now, try again later",
+        )
+    }
+
+    async fn handle_rcpt(&mut self, to: Address, params: Vec<Param>) -> Result<(), Stop> {
+        let Some(tx) = self.tx.as_ref() else {
+            return self.error_reply(&Reply::build(503, "5.5.1", "Need MAIL before RCPT"));
+        };
+        if let Some(r) = tx.failed.clone() {
+            return self.error_reply(&r);
+        }
+        if tx.rcpts.len() >= self.snap.config.smtp.max_recipients {
+            return self.error_reply(&Reply::build(452, "4.5.3", "Too many recipients"));
+        }
+        let adv = self.advertised.clone().unwrap_or_default();
+        for p in &params {
+            let ok = match (p.key.as_str(), p.value.as_deref()) {
+                ("NOTIFY", Some(v)) if adv.dsn => valid_notify(v),
+                ("ORCPT", Some(v)) if adv.dsn => v.contains(';'),
+                _ => {
+                    let r = Reply::build(555, "5.5.4", format!("Unsupported RCPT parameter {}", p.key));
+                    return self.error_reply(&r);
+                }
+            };
+            if !ok {
+                return self.error_reply(&Reply::build(
+                    501,
+                    "5.5.4",
+                    format!("Bad value for RCPT parameter {}", p.key),
+                ));
+            }
+        }
+        if to.utf8 && !tx.smtputf8 {
+            return self.error_reply(&Reply::build(
+                553,
+                "5.6.7",
+                "Non-ASCII address requires the SMTPUTF8 parameter",
+            ));
+        }
+
+        let decision = self
+            .snap
+            .pipeline
+            .run(&self.context(Stage::Rcpt, Some(&to), None))
+            .await;
+        if let Some(refusal) = refusal_of(&decision.action) {
+            let refusal = refusal.clone();
+            self.note_refusal(refusal.category, decision.check);
+            info!(session = %self.info.id, client = %self.info.peer.ip(), rcpt = %to, check = decision.check.unwrap_or(""), reply = %refusal.reply, "Recipient refused.");
+            return self.error_reply(&refusal.reply);
+        }
+
+        // Defence in depth: whatever the pipeline said, only a routed domain is relayed.
+        let route = if to.is_bare_postmaster() {
+            self.snap.routes.default.clone()
+        } else if self.info.authenticated.is_some() {
+            to.domain_lower()
+                .and_then(|d| self.snap.routes.route(&d).cloned())
+                .or_else(|| self.snap.routes.default.clone())
+        } else if to.local_is_plain() && to.domain_is_hostname() && !to.source_route {
+            to.domain_lower()
+                .and_then(|d| self.snap.routes.route(&d).cloned())
+        } else {
+            None
+        };
+        let Some(route) = route else {
+            self.note_refusal(Category::RelayAttempt, Some("relay_control"));
+            return self.error_reply(&Reply::build(550, "5.7.1", "Relay access denied"));
+        };
+        let same_route = self
+            .tx
+            .as_ref()
+            .and_then(|t| t.route.as_ref())
+            .map(|r| Arc::ptr_eq(r, &route));
+        if same_route == Some(false) {
+            return self.error_reply(&Reply::build(
+                452,
+                "4.5.3",
+                "Recipients for this domain must be sent in a separate transaction",
+            ));
+        }
+        if same_route.is_none() {
+            match self.open_upstream_transaction(&route).await {
+                Ok(r) if r.is_positive() => {}
+                Ok(r) => {
+                    // The upstream refused the sender: that is this recipient's answer too.
+                    return self.error_reply(&r.with_default_enhanced((0, 0)));
+                }
+                Err(r) => {
+                    self.note_refusal(Category::UpstreamError, Some("upstream"));
+                    return self.error_reply(&r);
+                }
+            }
+        }
+
+        let reply = match self.upstream_rcpt(&to, &params).await {
+            Ok(r) => r,
+            Err(r) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.failed = Some(r.clone());
+                }
+                self.note_refusal(Category::UpstreamError, Some("upstream"));
+                return self.error_reply(&r);
+            }
+        };
+        if !reply.is_positive() {
+            if reply.is_permanent() {
+                self.note_refusal(Category::UnknownUser, Some("upstream"));
+            }
+            info!(session = %self.info.id, client = %self.info.peer.ip(), rcpt = %to, reply = %reply, "Upstream refused recipient.");
+            return self.error_reply(&reply.with_default_enhanced((0, 0)));
+        }
+
+        let decision = self
+            .snap
+            .pipeline
+            .run(&self.context(Stage::RcptAccepted, Some(&to), None))
+            .await;
+        if let Some(refusal) = refusal_of(&decision.action) {
+            let refusal = refusal.clone();
+            self.note_refusal(refusal.category, decision.check);
+            if let Some(tx) = self.tx.as_mut() {
+                tx.upstream_dirty = true;
+            }
+            return self.error_reply(&refusal.reply);
+        }
+        if let Some(tx) = self.tx.as_mut() {
+            tx.rcpts.push((to, params));
+        }
+        self.reply(&reply.with_default_enhanced((1, 5)));
+        Ok(())
+    }
+
+    /// Sends RCPT for `to` on the open upstream transaction. `Err` is the 4xx for the client
+    /// when the upstream failed.
+    async fn upstream_rcpt(&mut self, to: &Address, params: &[Param]) -> Result<Reply, Reply> {
+        let Some(conn) = self.upstream.as_mut() else {
+            return Err(Reply::build(
+                451,
+                "4.4.1",
+                "Upstream unavailable, try again later",
+            ));
+        };
+        let line = rcpt_line(to, params, &conn.caps);
+        match conn.command(line.as_bytes(), "RCPT").await {
+            Ok(r) if r.code == 421 => Err(self.upstream_closed(&r)),
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.upstream_failure(&e)),
+        }
+    }
+
+    fn note_refusal(&mut self, category: Category, check: Option<&'static str>) {
+        if let Some(tx) = self.tx.as_mut() {
+            // A relay attempt or trap says more about the client than an unknown user.
+            let keep = tx.refusal.is_some_and(|(c, _)| c == Category::Trap);
+            if !keep {
+                tx.refusal = Some((category, check));
+            }
+        }
+    }
+
+    async fn handle_data(&mut self) -> Result<(), Stop> {
+        let Some(tx) = self.tx.as_ref() else {
+            return self.error_reply(&Reply::build(503, "5.5.1", "Need MAIL command"));
+        };
+        if let Some(r) = tx.failed.clone() {
+            return self.error_reply(&r);
+        }
+        if tx.rcpts.is_empty() {
+            return self.error_reply(&Reply::build(554, "5.5.1", "No valid recipients"));
+        }
+        let expected = tx
+            .declared_size
+            .unwrap_or(0)
+            .min(self.snap.config.smtp.max_message_size) as usize;
+        self.reply(&Reply::build(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"));
+        let (message, violation) = self.read_message(expected).await?;
+        self.summary.transactions += 1;
+
+        if let Some(v) = violation {
+            let (reply, category) = match v {
+                DataViolation::TooBig => (
+                    Reply::build(552, "5.3.4", "Message size exceeds fixed maximum message size"),
+                    Category::Size,
+                ),
+                DataViolation::BareLineEnd => (
+                    Reply::build(
+                        550,
+                        "5.6.0",
+                        "Message contains bare CR or LF characters (RFC 5321 2.3.8), not accepted",
+                    ),
+                    Category::Other,
+                ),
+                DataViolation::LineTooLong => (
+                    Reply::build(
+                        550,
+                        "5.6.0",
+                        format!(
+                            "Message has a line longer than {} bytes (RFC 5321 4.5.3.1.6), not accepted",
+                            self.snap.config.smtp.max_line_length
+                        ),
+                    ),
+                    Category::Other,
+                ),
+            };
+            self.end_transaction(Some((category, Some("smtp"))));
+            return self.error_reply(&reply);
+        }
+
+        let decision = self
+            .snap
+            .pipeline
+            .run(&self.context(Stage::Data, None, Some(&message)))
+            .await;
+        if let Some(refusal) = refusal_of(&decision.action) {
+            let refusal = refusal.clone();
+            self.end_transaction(Some((refusal.category, decision.check)));
+            return self.error_reply(&refusal.reply);
+        }
+
+        let mut wire = Vec::with_capacity(message.len() + 512);
+        if self.snap.config.smtp.received_header {
+            wire.extend_from_slice(self.received_header().as_bytes());
+        }
+        codec::stuff_into(&message, &mut wire);
+        drop(message);
+
+        let reply = self.relay_message(&wire).await;
+        let (from, rcpts) = self
+            .tx
+            .as_ref()
+            .map(|t| {
+                (
+                    t.from.to_string(),
+                    t.rcpts
+                        .iter()
+                        .map(|(a, _)| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            })
+            .unwrap_or_default();
+        let category = if reply.is_positive() {
+            self.summary.delivered += 1;
+            Category::Delivered
+        } else if reply.is_transient() && reply.enhanced.is_some_and(|e| e.1 == 4) {
+            Category::UpstreamError
+        } else {
+            Category::Other
+        };
+        info!(session = %self.info.id, client = %self.info.peer.ip(), from = %from, rcpts = %rcpts, size = wire.len(), outcome = %category, reply = %reply, "Message relayed.");
+        self.end_transaction(Some((
+            category,
+            (category != Category::Delivered).then_some("upstream"),
+        )));
+        if reply.is_positive() {
+            self.reply(&reply);
+            return Ok(());
+        }
+        self.error_reply(&reply)
+    }
+
+    /// Reads the message up to `<CRLF>.<CRLF>` within the DATA timeouts.
+    async fn read_message(&mut self, expected: usize) -> Result<(Vec<u8>, Option<DataViolation>), Stop> {
+        let smtp = &self.snap.config.smtp;
+        let bare = match smtp.bare_line_end {
+            BareLineEndPolicy::Reject => BareLineEnd::Reject,
+            BareLineEndPolicy::Normalize => BareLineEnd::Normalize,
+        };
+        let mut reader = DataReader::new(smtp.max_message_size as usize, smtp.max_line_length, bare);
+        let mut message = Vec::with_capacity(expected.clamp(4096, 1 << 20));
+        let (block, total) = (smtp.data_timeout, smtp.data_total_timeout);
+        let deadline = Instant::now() + total;
+        loop {
+            if !self.rbuf.is_empty() {
+                if let Some(n) = reader.feed(&self.rbuf, &mut message) {
+                    self.rbuf.advance(n);
+                    return Ok((message, reader.violation()));
+                }
+                self.rbuf.clear();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Stop::Timeout);
+            }
+            self.fill(block.min(left), false).await?;
+        }
+    }
+
+    /// Sends the message upstream: rebuilds the upstream envelope when it differs from what
+    /// the client was told (or the connection died while the client was sending), then DATA,
+    /// the message, and the final reply. Any failure is a 4xx: never a false 250.
+    async fn relay_message(&mut self, wire: &[u8]) -> Reply {
+        let mut replayed = false;
+        loop {
+            let needs_replay = self.tx.as_ref().is_some_and(|t| t.upstream_dirty)
+                || self.upstream.as_ref().is_none_or(|c| c.broken);
+            if needs_replay {
+                if replayed {
+                    return Reply::build(451, "4.4.1", "Upstream mail server unavailable, try again later");
+                }
+                replayed = true;
+                if let Err(r) = self.replay_envelope().await {
+                    return r;
+                }
+            }
+            let Some(conn) = self.upstream.as_mut() else {
+                return Reply::build(451, "4.4.1", "Upstream mail server unavailable, try again later");
+            };
+            match conn.command(b"DATA\r\n", "DATA").await {
+                Ok(r) if r.code == 354 => {}
+                Ok(r) if r.code == 421 => return self.upstream_closed(&r),
+                Ok(r) if r.is_positive() => {
+                    conn.broken = true;
+                    warn!(session = %self.info.id, reply = %r, "Upstream answered DATA without 354.");
+                    return Reply::build(451, "4.4.1", "Upstream mail server error, try again later");
+                }
+                Ok(r) => return r.with_default_enhanced((0, 0)),
+                // The connection may have timed out while the client was sending: one retry
+                // on a fresh connection with the same envelope.
+                Err(RelayError::Closed { .. } | RelayError::Io { .. }) if !replayed => {
+                    debug!(session = %self.info.id, "Upstream connection lost before DATA; reconnecting.");
+                    continue;
+                }
+                Err(e) => return self.upstream_failure(&e),
+            }
+            return match conn.send_message(wire).await {
+                Ok(r) if r.code == 421 => self.upstream_closed(&r),
+                Ok(r) => {
+                    conn.in_transaction = false;
+                    r.with_default_enhanced((0, 0))
+                }
+                Err(e) => {
+                    // Promise 1: the upstream did not confirm, so the client must retry.
+                    self.upstream_failure(&e)
+                }
+            };
+        }
+    }
+
+    /// Starts the upstream transaction again with exactly the recipients the client was
+    /// told 250 for.
+    async fn replay_envelope(&mut self) -> Result<(), Reply> {
+        let Some(route) = self.tx.as_ref().and_then(|t| t.route.clone()) else {
+            return Err(Reply::build(
+                451,
+                "4.4.1",
+                "Upstream mail server unavailable, try again later",
+            ));
+        };
+        let reply = self.open_upstream_transaction(&route).await?;
+        if !reply.is_positive() {
+            warn!(session = %self.info.id, reply = %reply, "Upstream refused MAIL on replay.");
+            return Err(Reply::build(
+                451,
+                "4.4.1",
+                "Upstream mail server refused the sender on retry, try again later",
+            ));
+        }
+        let rcpts = self.tx.as_ref().map(|t| t.rcpts.clone()).unwrap_or_default();
+        for (to, params) in &rcpts {
+            let r = self.upstream_rcpt(to, params).await?;
+            if !r.is_positive() {
+                warn!(session = %self.info.id, rcpt = %to, reply = %r, "Upstream refused a recipient on replay.");
+                return Err(Reply::build(
+                    451,
+                    "4.4.1",
+                    "Upstream mail server changed its answer for a recipient, try again later",
+                ));
+            }
+        }
+        if let Some(tx) = self.tx.as_mut() {
+            tx.upstream_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn received_header(&self) -> String {
+        let ip = self.info.peer.ip();
+        let literal = match ip {
+            std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+            std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+        };
+        let helo: String = self
+            .info
+            .helo
+            .as_deref()
+            .unwrap_or("unknown")
+            .chars()
+            .map(|c| {
+                if c.is_control() || c == '(' || c == ')' {
+                    '?'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let tx = self.tx.as_ref();
+        let utf8 = tx.is_some_and(|t| t.smtputf8);
+        let proto = match (utf8, self.info.esmtp, self.info.authenticated.is_some()) {
+            (true, _, false) => "UTF8SMTP",
+            (true, _, true) => "UTF8SMTPA",
+            (false, true, true) => "ESMTPA",
+            (false, true, false) => "ESMTP",
+            (false, false, _) => "SMTP",
+        };
+        let for_clause = match tx.map(|t| t.rcpts.as_slice()) {
+            Some([(only, _)]) => format!("\r\n\tfor {only}"),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} (unknown {literal})\r\n\tby {host} (thassp) with {proto} id {id}.{n}{for_clause};\r\n\t{date}\r\n",
+            host = self.info.hostname,
+            id = self.info.id,
+            n = self.summary.transactions,
+            date = chrono::Local::now().to_rfc2822(),
+        )
+    }
+
+    /// Client RSET/EHLO: forget the transaction; the upstream gets RSET lazily before the
+    /// next MAIL, which saves a round trip when the client quits instead.
+    fn abort_transaction(&mut self) {
+        if self.tx.take().is_some() {
+            self.summary.outcome = Category::Aborted;
+        }
+    }
+
+    fn end_transaction(&mut self, outcome: Option<(Category, Option<&'static str>)>) {
+        let tx = self.tx.take();
+        let (category, check) = tx
+            .as_ref()
+            .and_then(|t| t.refusal)
+            .filter(|_| outcome.is_some_and(|(c, _)| c != Category::Delivered))
+            .or(outcome)
+            .unwrap_or((Category::Other, None));
+        // Delivered wins for the session; otherwise the latest outcome.
+        if self.summary.outcome != Category::Delivered || category == Category::Delivered {
+            self.summary.outcome = category;
+            self.summary.check = check;
+        }
+    }
+}
+
+fn refusal_of(action: &Action) -> Option<&Refusal> {
+    match action {
+        Action::TempFail(r) | Action::Reject(r) => Some(r),
+        Action::Continue | Action::Accept => None,
+    }
+}
+
+fn syntax_reply(e: &CommandError) -> Reply {
+    match e {
+        CommandError::BadCharacters => Reply::build(500, "5.5.2", "Invalid characters in command"),
+        CommandError::Syntax(verb) if *verb == "MAIL" => {
+            Reply::build(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+        }
+        CommandError::Syntax(_) => Reply::build(501, "5.5.4", "Syntax: RCPT TO:<address>"),
+        CommandError::MissingArgument { verb } => {
+            Reply::build(501, "5.5.4", format!("Syntax: {verb} needs an argument"))
+        }
+        CommandError::UnexpectedArgument { verb } => {
+            Reply::build(501, "5.5.4", format!("Syntax: {verb} takes no argument"))
+        }
+        CommandError::Address { verb, error } => {
+            let enhanced = if *verb == "MAIL" { "5.1.7" } else { "5.1.3" };
+            Reply::build(501, enhanced, format!("Bad address syntax: {error}"))
+        }
+        CommandError::Parameter(p) => Reply::build(501, "5.5.4", format!("Bad parameter syntax: {p}")),
+        CommandError::TooLong => Reply::build(500, "5.5.2", "Line too long"),
+    }
+}
+
+fn valid_notify(v: &str) -> bool {
+    let words: Vec<String> = v.split(',').map(str::to_ascii_uppercase).collect();
+    if words.iter().any(|w| w == "NEVER") {
+        return words.len() == 1;
+    }
+    words
+        .iter()
+        .all(|w| matches!(w.as_str(), "SUCCESS" | "FAILURE" | "DELAY"))
+}
+
+/// The MAIL command for the upstream, with the parameters it supports. SMTPUTF8 and
+/// 8BITMIME cannot be dropped without changing the message, so their absence upstream is a
+/// temporary failure.
+fn mail_line(tx: &Transaction, caps: &Capabilities) -> Result<String, Reply> {
+    let mut line = format!("MAIL FROM:<{}>", tx.from.raw);
+    for p in &tx.params {
+        let keep = match p.key.as_str() {
+            "SIZE" => caps.size.is_some(),
+            "BODY" => {
+                let eight = p
+                    .value
+                    .as_deref()
+                    .is_some_and(|v| v.eq_ignore_ascii_case("8BITMIME"));
+                if eight && !caps.eight_bit_mime {
+                    return Err(Reply::build(
+                        451,
+                        "4.3.0",
+                        "Upstream does not accept 8BITMIME right now, try again later",
+                    ));
+                }
+                caps.eight_bit_mime
+            }
+            "SMTPUTF8" => {
+                if !caps.smtputf8 {
+                    return Err(Reply::build(
+                        451,
+                        "4.3.0",
+                        "Upstream does not accept SMTPUTF8 right now, try again later",
+                    ));
+                }
+                true
+            }
+            // RFC 3461 §4.1: DSN parameters are dropped towards a server without DSN.
+            "RET" | "ENVID" => caps.dsn,
+            _ => false,
+        };
+        if keep {
+            line.push(' ');
+            line.push_str(&p.to_string());
+        }
+    }
+    line.push_str("\r\n");
+    Ok(line)
+}
+
+fn rcpt_line(to: &Address, params: &[Param], caps: &Capabilities) -> String {
+    let mut line = format!("RCPT TO:<{}>", to.raw);
+    for p in params.iter().filter(|_| caps.dsn) {
+        line.push(' ');
+        line.push_str(&p.to_string());
+    }
+    line.push_str("\r\n");
+    line
+}
