@@ -26,6 +26,8 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<Config>,
+    /// `server.hostname`, or the system's name (read once per snapshot, not per session).
+    pub hostname: String,
     pub routes: Arc<Routes>,
     pub pipeline: Pipeline,
 }
@@ -38,6 +40,7 @@ impl Snapshot {
         let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(RelayControl::new(routes.clone()))];
         checks.extend(extra_checks.iter().cloned());
         Self {
+            hostname: config.hostname(),
             config: Arc::new(config),
             routes,
             pipeline: Pipeline::new(checks, OnError::TempFail),

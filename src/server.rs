@@ -71,7 +71,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         let listener = TcpListener::bind(&l.address)
             .await
             .with_context(|| format!("listener[{i}].address: cannot listen on {}", l.address))?;
-        listeners.push((listener, l.hostname.clone().unwrap_or_else(|| config.hostname())));
+        listeners.push((listener, l.address.clone()));
     }
 
     // A bounded first probe, so the first EHLO already reflects the upstreams' extensions.
@@ -81,13 +81,13 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
 
     let connections = Arc::new(Semaphore::new(config.server.max_connections));
     let mut smtp_addrs = Vec::new();
-    for (listener, hostname) in listeners {
+    for (listener, configured) in listeners {
         let addr = listener.local_addr()?;
         smtp_addrs.push(addr);
-        info!(address = %addr, hostname = %hostname, "Listening for SMTP.");
+        info!(address = %addr, "Listening for SMTP.");
         let acceptor = Acceptor {
             listener,
-            hostname,
+            configured,
             app: app.clone(),
             connections: connections.clone(),
             tracker: tracker.clone(),
@@ -142,7 +142,9 @@ impl Running {
 
 struct Acceptor {
     listener: TcpListener,
-    hostname: String,
+    /// The `listener.address` this socket was bound for; its settings are looked up in the
+    /// current snapshot at each accept, so a reload applies to new sessions.
+    configured: String,
     app: Arc<App>,
     connections: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -166,8 +168,16 @@ impl Acceptor {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let snap = self.app.snapshot();
+            let hostname = snap
+                .config
+                .listeners
+                .iter()
+                .find(|l| l.address == self.configured)
+                .and_then(|l| l.hostname.clone())
+                .unwrap_or_else(|| snap.hostname.clone());
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                self.tracker.spawn(refuse_busy(stream, self.hostname.clone()));
+                self.tracker.spawn(refuse_busy(stream, hostname));
                 continue;
             };
             let local = stream.local_addr().unwrap_or(peer);
@@ -175,13 +185,13 @@ impl Acceptor {
                 id: session_id(),
                 peer,
                 local,
-                hostname: self.hostname.clone(),
+                hostname,
                 helo: None,
                 esmtp: false,
                 authenticated: None,
             };
             let span = info_span!("session", id = %info.id, client = %peer);
-            let session = Session::new(stream, self.app.snapshot(), info, self.app.phase());
+            let session = Session::new(stream, snap, info, self.app.phase());
             let kill = self.kill.clone();
             self.tracker.spawn(
                 async move {
