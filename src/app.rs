@@ -1,6 +1,7 @@
 //! Configuration turned into run-time state: the `Snapshot` (config, routes, pipeline) that
 //! each session loads once, the swap on reload, and the shutdown phase every session watches.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,21 +31,55 @@ pub struct Snapshot {
     pub hostname: String,
     pub routes: Arc<Routes>,
     pub pipeline: Pipeline,
+    /// TLS server configuration per `listener.address`, for listeners with TLS.
+    pub listener_tls: HashMap<String, Arc<rustls::ServerConfig>>,
 }
 
 impl Snapshot {
-    /// Builds the run-time state from a validated configuration. Upstreams unchanged since
-    /// `previous` keep their probed capabilities.
-    pub fn build(config: Config, previous: Option<&Self>, extra_checks: &[Arc<dyn Check>]) -> Self {
-        let routes = Arc::new(Routes::build(&config, previous.map(|p| p.routes.as_ref())));
+    /// Builds the run-time state from a validated configuration, reading certificate and
+    /// CA files. Upstreams unchanged since `previous` keep their probed capabilities.
+    ///
+    /// # Errors
+    /// Every file that cannot be loaded, with its configuration key.
+    pub fn build(
+        config: Config,
+        previous: Option<&Self>,
+        extra_checks: &[Arc<dyn Check>],
+    ) -> Result<Self, ConfigError> {
+        let mut errors = Vec::new();
+        let mut listener_tls = HashMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            if let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) {
+                match crate::tls::server_config(cert, key) {
+                    Ok(c) => {
+                        listener_tls.insert(l.address.clone(), c);
+                    }
+                    Err(e) => errors.push(format!("listener[{i}].tls_cert: {e}")),
+                }
+            }
+        }
+        let routes = match Routes::build(&config, previous.map(|p| p.routes.as_ref())) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                errors.extend(e);
+                None
+            }
+        };
+        let Some(routes) = routes.filter(|_| errors.is_empty()) else {
+            return Err(ConfigError {
+                source_name: "configuration".into(),
+                errors,
+            });
+        };
         let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(RelayControl::new(routes.clone()))];
         checks.extend(extra_checks.iter().cloned());
-        Self {
+        Ok(Self {
             hostname: config.hostname(),
             config: Arc::new(config),
             routes,
             pipeline: Pipeline::new(checks, OnError::TempFail),
-        }
+            listener_tls,
+        })
     }
 }
 
@@ -58,19 +93,27 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Builds the application from a validated configuration.
+    ///
+    /// # Errors
+    /// When a file the configuration names (certificates, CA files) cannot be loaded.
+    pub fn new(config: Config) -> Result<Arc<Self>, ConfigError> {
         Self::with_checks(config, Vec::new())
     }
 
     /// Like `new`, with additional checks run after the built-in ones.
-    pub fn with_checks(config: Config, extra_checks: Vec<Arc<dyn Check>>) -> Arc<Self> {
-        let snapshot = Snapshot::build(config, None, &extra_checks);
-        Arc::new(Self {
+    ///
+    /// # Errors
+    /// As [`App::new`].
+    pub fn with_checks(config: Config, extra_checks: Vec<Arc<dyn Check>>) -> Result<Arc<Self>, ConfigError> {
+        crate::tls::install_default_provider();
+        let snapshot = Snapshot::build(config, None, &extra_checks)?;
+        Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             phase: watch::Sender::new(Phase::Running),
             extra_checks,
             started: Instant::now(),
-        })
+        }))
     }
 
     /// The current snapshot; a session keeps the one it started with.
@@ -78,10 +121,13 @@ impl App {
         self.snapshot.load_full()
     }
 
-    /// Swaps in a new configuration for new sessions. Listener addresses and the
-    /// development upstream are not reloadable: changes to them are reported and ignored
-    /// until restart. Returns the warnings.
-    pub fn reload(&self, config: Config) -> Vec<String> {
+    /// Swaps in a new configuration for new sessions (certificates are re-read). Listener
+    /// addresses and the development upstream are not reloadable: changes to them are
+    /// reported and take effect after a restart. Returns those warnings.
+    ///
+    /// # Errors
+    /// When a file cannot be loaded; the running configuration then stays.
+    pub fn reload(&self, config: Config) -> Result<Vec<String>, ConfigError> {
         let old = self.snapshot();
         let mut warnings = Vec::new();
         if old.config.listeners != config.listeners {
@@ -90,16 +136,16 @@ impl App {
         if old.config.devsink != config.devsink {
             warnings.push("devsink: changes take effect after a restart".to_string());
         }
-        let new = Snapshot::build(config, Some(&old), &self.extra_checks);
+        let new = Snapshot::build(config, Some(&old), &self.extra_checks)?;
         self.snapshot.store(Arc::new(new));
-        warnings
+        Ok(warnings)
     }
 
     /// Reads, validates and applies a configuration file; on any error the running
     /// configuration stays and the error says why.
     pub fn reload_from(&self, path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
         let config = Config::load(path)?;
-        Ok(self.reload(config))
+        self.reload(config)
     }
 
     pub fn phase(&self) -> watch::Receiver<Phase> {

@@ -64,6 +64,66 @@ pub struct ListenerConfig {
     /// Banner/EHLO host name for this listener. Default: `server.hostname`.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// `starttls` (offer STARTTLS), `implicit` (TLS from the first byte, port 465 style) or
+    /// `none`. Default: `starttls` when `tls_cert` is set, else `none`.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// PEM file with the certificate chain (leaf first). Re-read on reload.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key. Re-read on reload.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse MAIL and AUTH before STARTTLS with `530 5.7.0`. Default false (port 25 must
+    /// accept plaintext from the world).
+    #[serde(default)]
+    pub require_tls: bool,
+    /// When AUTH (relayed to the upstream) is offered: `after_tls` (default), `always`, `never`.
+    #[serde(default)]
+    pub auth: AuthPolicy,
+    /// Expect a PROXY protocol v1 or v2 header first (behind HAProxy or a load balancer).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Sources allowed to send a PROXY header (`["10.0.0.5/32"]`); others are disconnected.
+    #[serde(default)]
+    pub proxy_trusted: Vec<ipnet::IpNet>,
+    /// Time allowed for the PROXY header. Default "5s".
+    #[serde(default = "default_proxy_timeout", with = "duration")]
+    pub proxy_timeout: Duration,
+}
+
+fn default_proxy_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl ListenerConfig {
+    /// The effective TLS mode.
+    pub fn tls_mode(&self) -> ListenerTls {
+        self.tls.unwrap_or(if self.tls_cert.is_some() {
+            ListenerTls::Starttls
+        } else {
+            ListenerTls::None
+        })
+    }
+}
+
+/// TLS on a listener.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    None,
+    Starttls,
+    Implicit,
+}
+
+/// When AUTH is advertised to clients.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthPolicy {
+    #[default]
+    AfterTls,
+    Always,
+    Never,
 }
 
 /// What to do with a bare CR or bare LF inside DATA.
@@ -144,6 +204,54 @@ pub struct UpstreamConfig {
     /// How often the MTA's EHLO capabilities are probed. Default "60s".
     #[serde(default = "default_probe_interval", with = "duration")]
     pub probe_interval: Duration,
+    /// STARTTLS towards this MTA: `opportunistic` (default: when offered; a failed handshake
+    /// falls back to plaintext with a warning), `require` (no TLS → 4xx to the client),
+    /// `off`.
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// Certificate check: `none` (default; encrypts, as Postfix's `may`), `system` (the
+    /// system CA bundle), `ca_file` (`tls_ca_file`), `pin` (`tls_pin_sha256`).
+    #[serde(default)]
+    pub tls_verify: UpstreamTlsVerify,
+    /// PEM file of CAs for `tls_verify = "ca_file"`.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// SHA-256 fingerprints of accepted leaf certificates for `tls_verify = "pin"`.
+    #[serde(default)]
+    pub tls_pin_sha256: Vec<String>,
+    /// Name to verify and send as SNI. Default: the host part of `address`.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Tell the MTA the real client (address, HELO, …) with XCLIENT, or XFORWARD when only
+    /// that is offered. Default true; the MTA must authorise thassp (Postfix:
+    /// `smtpd_authorized_xclient_hosts`), otherwise it does not offer them.
+    #[serde(default = "yes")]
+    pub xclient: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// STARTTLS towards an upstream.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    #[default]
+    Opportunistic,
+    Require,
+    Off,
+}
+
+/// How an upstream's certificate is checked.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamTlsVerify {
+    #[default]
+    None,
+    System,
+    CaFile,
+    Pin,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -302,6 +410,34 @@ impl Config {
                     format!("{h:?} is not a valid host name"),
                 );
             }
+            let tls = l.tls_mode();
+            if tls != ListenerTls::None && (l.tls_cert.is_none() || l.tls_key.is_none()) {
+                e(format!("listener[{i}].tls"), "needs tls_cert and tls_key".into());
+            }
+            if tls == ListenerTls::None && (l.tls_cert.is_some() || l.tls_key.is_some()) {
+                e(
+                    format!("listener[{i}].tls_cert"),
+                    "set, but tls = \"none\"".into(),
+                );
+            }
+            if l.require_tls && tls != ListenerTls::Starttls {
+                e(
+                    format!("listener[{i}].require_tls"),
+                    "needs tls = \"starttls\" with a certificate".into(),
+                );
+            }
+            if l.proxy_protocol && l.proxy_trusted.is_empty() {
+                e(
+                    format!("listener[{i}].proxy_trusted"),
+                    "proxy_protocol needs the balancer's networks here; otherwise every connection is refused".into(),
+                );
+            }
+            if l.proxy_timeout.is_zero() {
+                e(
+                    format!("listener[{i}].proxy_timeout"),
+                    "must be more than 0".into(),
+                );
+            }
         }
 
         let s = &self.smtp;
@@ -359,6 +495,28 @@ impl Config {
                 if d.is_zero() {
                     e(format!("upstream.{name}.{key}"), "must be more than 0".into());
                 }
+            }
+            match u.tls_verify {
+                UpstreamTlsVerify::CaFile if u.tls_ca_file.is_none() => e(
+                    format!("upstream.{name}.tls_ca_file"),
+                    "needed for tls_verify = \"ca_file\"".into(),
+                ),
+                UpstreamTlsVerify::Pin if u.tls_pin_sha256.is_empty() => e(
+                    format!("upstream.{name}.tls_pin_sha256"),
+                    "needed for tls_verify = \"pin\"".into(),
+                ),
+                _ => {}
+            }
+            for (j, pin) in u.tls_pin_sha256.iter().enumerate() {
+                if let Err(msg) = crate::tls::parse_pin(pin) {
+                    e(format!("upstream.{name}.tls_pin_sha256[{j}]"), msg);
+                }
+            }
+            if u.tls == UpstreamTls::Off && u.tls_verify != UpstreamTlsVerify::None {
+                e(
+                    format!("upstream.{name}.tls_verify"),
+                    "set, but tls = \"off\"".into(),
+                );
             }
             if let Some(h) = &u.helo_name
                 && !crate::smtp::address::is_hostname(h)

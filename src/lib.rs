@@ -5,6 +5,7 @@
 //!
 //! - [`config`]: the TOML configuration, its defaults and validation (plain data).
 //! - [`app`]: configuration turned into run-time state (`Snapshot`), reload, shutdown phase.
+//! - [`proxy_protocol`]: sans-IO PROXY protocol v1/v2 header parser (real client behind a balancer).
 //! - [`server`]: listeners, accept loop, connection cap, one task per connection, drain.
 //! - [`smtp::codec`]: sans-IO wire format: commands, replies, DATA framing, dot-stuffing.
 //! - [`smtp::address`]: envelope address parsing that keeps every relay trick visible.
@@ -13,6 +14,8 @@
 //! - [`upstream`]: upstream MTAs, their probed capabilities, and domain routing.
 //! - [`policy`]: stages, verdicts, the `Check` trait and the pipeline; one file per check.
 //! - [`devsink`]: a development upstream that stores mail as files (trying out, tests).
+//! - [`tls`]: rustls server configs per listener and client configs per upstream.
+//! - [`stream`]: the byte streams sessions run over (STARTTLS upgrade, PROXY leftovers).
 //!
 //! # Promises
 //!
@@ -26,6 +29,9 @@ pub mod app;
 pub mod config;
 pub mod devsink;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod server;
 pub mod smtp;
+pub mod stream;
+pub mod tls;
 pub mod upstream;

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let app = App::new(config);
+    let app = App::new(config)?;
     let running = thassp::server::start(app.clone()).await?;
     info!(version = env!("CARGO_PKG_VERSION"), "thassp started.");
     let mut term = signal(SignalKind::terminate())?;

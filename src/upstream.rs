@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamTls};
 use crate::smtp::codec::Reply;
 
 /// What an MTA announced in its EHLO reply, as far as thassp cares.
@@ -22,8 +22,10 @@ pub struct Capabilities {
     pub enhanced_status_codes: bool,
     pub starttls: bool,
     pub chunking: bool,
-    pub xclient: bool,
-    pub xforward: bool,
+    /// Attributes from `XCLIENT NAME ADDR …`; empty when XCLIENT is not offered.
+    pub xclient: Vec<String>,
+    /// Attributes from `XFORWARD NAME ADDR …`.
+    pub xforward: Vec<String>,
     /// SASL mechanisms from `AUTH ...`.
     pub auth: Vec<String>,
 }
@@ -44,8 +46,8 @@ impl Capabilities {
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
                 "STARTTLS" => caps.starttls = true,
                 "CHUNKING" => caps.chunking = true,
-                "XCLIENT" => caps.xclient = true,
-                "XFORWARD" => caps.xforward = true,
+                "XCLIENT" => caps.xclient = words.map(str::to_ascii_uppercase).collect(),
+                "XFORWARD" => caps.xforward = words.map(str::to_ascii_uppercase).collect(),
                 "AUTH" => caps.auth = words.map(str::to_ascii_uppercase).collect(),
                 _ => {}
             }
@@ -63,7 +65,6 @@ pub struct Health {
 }
 
 /// One upstream MTA at run time.
-#[derive(Debug)]
 pub struct Upstream {
     pub name: String,
     pub address: String,
@@ -72,9 +73,24 @@ pub struct Upstream {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub probe_interval: Duration,
+    pub tls: UpstreamTls,
+    /// The rustls client configuration (built from `tls_verify`), unless `tls = "off"`.
+    pub tls_config: Option<Arc<rustls::ClientConfig>>,
+    pub tls_server_name: rustls::pki_types::ServerName<'static>,
+    /// Send XCLIENT/XFORWARD when offered.
+    pub xclient: bool,
     /// Last known EHLO capabilities; `None` until the MTA was reached once.
     caps: ArcSwapOption<Capabilities>,
     health: Mutex<Health>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstream {
@@ -100,17 +116,6 @@ impl Upstream {
             h.last_error = error;
         }
     }
-
-    /// True when both describe the same MTA with the same settings, so a reload can keep the
-    /// probed state.
-    fn same_settings(&self, other: &Self) -> bool {
-        self.address == other.address
-            && self.helo_name == other.helo_name
-            && self.connect_timeout == other.connect_timeout
-            && self.command_timeout == other.command_timeout
-            && self.data_timeout == other.data_timeout
-            && self.probe_interval == other.probe_interval
-    }
 }
 
 /// Maps a recipient domain to its upstream. A domain is local exactly when it has a route.
@@ -126,35 +131,61 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Builds the routing table from a validated configuration. Upstreams present in
-    /// `previous` with the same settings are reused, keeping their probed capabilities.
-    pub fn build(config: &Config, previous: Option<&Self>) -> Self {
+    /// Builds the routing table from a validated configuration, reading TLS files anew.
+    /// Upstreams that keep their name and address keep their probed capabilities.
+    ///
+    /// # Errors
+    /// Every TLS file that cannot be loaded, with its key.
+    pub fn build(config: &Config, previous: Option<&Self>) -> Result<Self, Vec<String>> {
         let hostname = config.hostname();
-        let upstreams: Vec<Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .map(|(name, u)| {
-                let fresh = Upstream {
-                    name: name.clone(),
-                    address: u.address.clone(),
-                    helo_name: u.helo_name.clone().unwrap_or_else(|| hostname.clone()),
-                    connect_timeout: u.connect_timeout,
-                    command_timeout: u.command_timeout,
-                    data_timeout: u.data_timeout,
-                    probe_interval: u.probe_interval,
-                    caps: ArcSwapOption::empty(),
-                    health: Mutex::new(Health::default()),
-                };
-                previous
-                    .and_then(|p| {
-                        p.upstreams
-                            .iter()
-                            .find(|o| o.name == *name && o.same_settings(&fresh))
-                    })
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(fresh))
-            })
-            .collect();
+        let mut errors = Vec::new();
+        let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
+        for (name, u) in &config.upstreams {
+            let tls_config = match u.tls {
+                UpstreamTls::Off => None,
+                _ => match crate::tls::client_config(
+                    &u.tls_verify,
+                    u.tls_ca_file.as_deref(),
+                    &u.tls_pin_sha256,
+                ) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        errors.push(format!("upstream.{name}.tls_verify: {e}"));
+                        None
+                    }
+                },
+            };
+            let tls_server_name = match crate::tls::server_name(&u.address, u.tls_server_name.as_deref()) {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(format!("upstream.{name}.tls_server_name: {e}"));
+                    continue;
+                }
+            };
+            let old = previous.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .find(|o| o.name == *name && o.address == u.address)
+            });
+            upstreams.push(Arc::new(Upstream {
+                name: name.clone(),
+                address: u.address.clone(),
+                helo_name: u.helo_name.clone().unwrap_or_else(|| hostname.clone()),
+                connect_timeout: u.connect_timeout,
+                command_timeout: u.command_timeout,
+                data_timeout: u.data_timeout,
+                probe_interval: u.probe_interval,
+                tls: u.tls,
+                tls_config,
+                tls_server_name,
+                xclient: u.xclient,
+                caps: ArcSwapOption::new(old.and_then(|o| o.capabilities())),
+                health: Mutex::new(old.map(|o| o.health()).unwrap_or_default()),
+            }));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         let by_name = |n: &str| upstreams.iter().find(|u| u.name == n).cloned();
         let default = config.default_upstream().and_then(by_name);
         let mut exact = HashMap::new();
@@ -179,12 +210,12 @@ impl Routes {
             }
         }
         suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-        Self {
+        Ok(Self {
             exact,
             suffixes,
             upstreams,
             default,
-        }
+        })
     }
 
     /// The upstream for a lower-cased domain, or `None` when the domain is not local.
@@ -220,8 +251,8 @@ impl Routes {
             c.enhanced_status_codes &= other.enhanced_status_codes;
             c.starttls &= other.starttls;
             c.chunking &= other.chunking;
-            c.xclient &= other.xclient;
-            c.xforward &= other.xforward;
+            c.xclient.retain(|a| other.xclient.contains(a));
+            c.xforward.retain(|a| other.xforward.contains(a));
             c.auth.retain(|m| other.auth.contains(m));
             c.size = match (c.size, other.size) {
                 (Some(0), s) | (s, Some(0)) => s,
@@ -260,7 +291,7 @@ mod tests {
 
     #[test]
     fn routing() {
-        let r = Routes::build(&config(r#"routes = { "example.org" = "b" }"#), None);
+        let r = Routes::build(&config(r#"routes = { "example.org" = "b" }"#), None).unwrap();
         assert_eq!(r.route("example.com").unwrap().name, "a");
         assert_eq!(r.route("example.org").unwrap().name, "b");
         assert_eq!(r.route("x.sub.example.com").unwrap().name, "a");
@@ -269,7 +300,7 @@ mod tests {
         assert!(r.route("evil.example.com").is_none());
         assert!(r.route("xexample.com").is_none());
         assert!(r.single_upstream().is_none());
-        let r = Routes::build(&config(""), None);
+        let r = Routes::build(&config(""), None).unwrap();
         assert_eq!(r.single_upstream().unwrap().name, "a");
     }
 
@@ -295,12 +326,12 @@ mod tests {
     #[test]
     fn reload_keeps_probed_upstreams() {
         let c = config("");
-        let r1 = Routes::build(&c, None);
+        let r1 = Routes::build(&c, None).unwrap();
         r1.upstreams[0].set_capabilities(Capabilities {
             dsn: true,
             ..Default::default()
         });
-        let r2 = Routes::build(&c, Some(&r1));
+        let r2 = Routes::build(&c, Some(&r1)).unwrap();
         assert!(r2.upstreams[0].capabilities().unwrap().dsn);
     }
 }

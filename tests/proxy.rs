@@ -667,7 +667,7 @@ impl Check for LateRefusal {
 #[tokio::test]
 async fn recipient_refused_after_upstream_accept_is_not_delivered() {
     let sink = Sink::start().await;
-    let app = App::with_checks(config(sink.addr, "", ""), vec![Arc::new(LateRefusal)]);
+    let app = App::with_checks(config(sink.addr, "", ""), vec![Arc::new(LateRefusal)]).unwrap();
     let running = thassp::server::start(app).await.unwrap();
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     c.cmd("EHLO client.example.net").await;

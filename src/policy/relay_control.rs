@@ -78,7 +78,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let rc = RelayControl::new(Arc::new(Routes::build(&config, None)));
+        let rc = RelayControl::new(Arc::new(Routes::build(&config, None).unwrap()));
         let local = |s: &str| parse_path(s).is_ok_and(|(a, _)| rc.is_local(&a));
         assert!(local("<user@ours.example>"));
         assert!(local("<User@OURS.Example>"));

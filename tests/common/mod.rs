@@ -393,7 +393,7 @@ pub fn config(upstream: SocketAddr, smtp_extra: &str, extra: &str) -> Config {
 }
 
 pub async fn start(config: Config) -> Running {
-    server::start(App::new(config)).await.unwrap()
+    server::start(App::new(config).unwrap()).await.unwrap()
 }
 
 /// thassp in front of a fresh default sink.
