@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use tokio::io::AsyncWriteExt;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -16,9 +17,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::app::{App, Phase};
+use crate::config::{ListenerConfig, ListenerTls};
 use crate::policy::SessionInfo;
+use crate::proxy_protocol;
 use crate::smtp::relay;
-use crate::smtp::session::Session;
+use crate::smtp::session::{ListenerPolicy, Session};
+use crate::stream::Prefixed;
 
 /// How long sessions still running after the grace period get to write their `421`.
 const HARD_STOP_AFTER_DEADLINE: Duration = Duration::from_secs(5);
@@ -169,17 +173,29 @@ impl Acceptor {
             };
             let _ = stream.set_nodelay(true);
             let snap = self.app.snapshot();
-            let hostname = snap
+            let listener = snap
                 .config
                 .listeners
                 .iter()
                 .find(|l| l.address == self.configured)
+                .cloned();
+            let hostname = listener
+                .as_ref()
                 .and_then(|l| l.hostname.clone())
                 .unwrap_or_else(|| snap.hostname.clone());
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 self.tracker.spawn(refuse_busy(stream, hostname));
                 continue;
             };
+            let policy = ListenerPolicy {
+                tls: snap.listener_tls.get(&self.configured).cloned(),
+                implicit_tls: listener
+                    .as_ref()
+                    .is_some_and(|l| l.tls_mode() == ListenerTls::Implicit),
+                require_tls: listener.as_ref().is_some_and(|l| l.require_tls),
+                auth: listener.as_ref().map(|l| l.auth).unwrap_or_default(),
+            };
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let local = stream.local_addr().unwrap_or(peer);
             let info = SessionInfo {
                 id: session_id(),
@@ -189,15 +205,23 @@ impl Acceptor {
                 helo: None,
                 esmtp: false,
                 authenticated: None,
+                tls: None,
+                proxied_by: None,
             };
             let span = info_span!("session", id = %info.id, client = %peer);
-            let session = Session::new(stream, snap, info, self.app.phase());
+            let phase = self.app.phase();
             let kill = self.kill.clone();
             self.tracker.spawn(
                 async move {
                     let _permit = permit;
+                    let connection = async move {
+                        let Some((stream, info)) = accept_proxy(stream, info, listener.as_ref()).await else {
+                            return;
+                        };
+                        Session::new(stream, snap, info, policy, phase).run().await;
+                    };
                     tokio::select! {
-                        _ = session.run() => {}
+                        () = connection => {}
                         () = kill.cancelled() => {}
                     }
                 }
@@ -205,6 +229,54 @@ impl Acceptor {
             );
         }
     }
+}
+
+/// On a PROXY protocol listener, reads the header (bounded in size and time) from a trusted
+/// balancer and takes the real client's address from it. `None`: the connection is closed.
+async fn accept_proxy(
+    mut stream: TcpStream,
+    mut info: SessionInfo,
+    listener: Option<&ListenerConfig>,
+) -> Option<(Prefixed<TcpStream>, SessionInfo)> {
+    let Some(l) = listener.filter(|l| l.proxy_protocol) else {
+        return Some((Prefixed::new(Bytes::new(), stream), info));
+    };
+    let balancer = info.peer;
+    if !l.proxy_trusted.iter().any(|net| net.contains(&balancer.ip())) {
+        warn!(peer = %balancer, listener = %l.address, "PROXY protocol listener: connection from a source not in proxy_trusted; closed.");
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + l.proxy_timeout;
+    let mut buf = Vec::with_capacity(256);
+    let (header, consumed) = loop {
+        match proxy_protocol::parse(&buf) {
+            Ok(Some(done)) => break done,
+            Ok(None) => {}
+            Err(e) => {
+                warn!(peer = %balancer, error = %e, "Bad PROXY protocol header; connection closed.");
+                return None;
+            }
+        }
+        let mut chunk = [0u8; 1024];
+        let room = proxy_protocol::MAX_HEADER
+            .saturating_sub(buf.len())
+            .clamp(1, chunk.len());
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..room])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => {
+                warn!(peer = %balancer, "No PROXY protocol header in time; connection closed.");
+                return None;
+            }
+        }
+    };
+    if let proxy_protocol::Header::Proxy { source, destination } = header {
+        info.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
+        info.local = destination;
+        info.proxied_by = Some(balancer);
+    }
+    let rest = Bytes::copy_from_slice(buf.get(consumed..).unwrap_or_default());
+    Some((Prefixed::new(rest, stream), info))
 }
 
 async fn refuse_busy(mut stream: TcpStream, hostname: String) {

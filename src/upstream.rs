@@ -229,6 +229,11 @@ impl Routes {
             .map(|(_, up)| up)
     }
 
+    /// Where AUTH is relayed: the default upstream, else the first one.
+    pub fn auth_upstream(&self) -> Option<&Arc<Upstream>> {
+        self.default.as_ref().or_else(|| self.upstreams.first())
+    }
+
     /// The upstream every local domain goes to, when there is only one: then the upstream
     /// session can open at MAIL FROM, before any recipient names the route.
     pub fn single_upstream(&self) -> Option<&Arc<Upstream>> {

@@ -126,8 +126,12 @@ pub struct SessionInfo {
     pub hostname: String,
     pub helo: Option<String>,
     pub esmtp: bool,
-    /// The SASL user once the upstream said 235 (issue: AUTH recognition).
+    /// The SASL user once the upstream said 235.
     pub authenticated: Option<String>,
+    /// TLS version and cipher once the session is encrypted.
+    pub tls: Option<(String, String)>,
+    /// The load balancer's address when the peer came through PROXY protocol.
+    pub proxied_by: Option<SocketAddr>,
 }
 
 /// Everything a check may look at for one decision.
@@ -295,6 +299,8 @@ mod tests {
             helo: None,
             esmtp: true,
             authenticated: None,
+            tls: None,
+            proxied_by: None,
         }
     }
 

@@ -2,15 +2,75 @@
 //! one reply at a time (lockstep), and the message in one write. Every failure is a
 //! [`RelayError`] that says which stage failed, so the session can answer the client 4xx.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tracing::warn;
 
 use super::codec::{Reply, ReplyError, ReplyParser};
+use crate::config::UpstreamTls;
+use crate::stream::MaybeTls;
 use crate::upstream::{Capabilities, Upstream};
+
+type UpstreamStream = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Who the real client is, for XCLIENT/XFORWARD.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Forward-confirmed PTR name, when known.
+    pub name: Option<String>,
+    pub helo: Option<String>,
+    pub esmtp: bool,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+}
+
+impl ClientIdentity {
+    /// `ATTR=value` pairs for the attributes the MTA offers, values in xtext (RFC 3461).
+    fn attributes(&self, offered: &[String], xforward: bool) -> Vec<String> {
+        let addr = match self.addr {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("IPV6:{a}"),
+        };
+        let mut out = Vec::new();
+        for attr in offered {
+            let value = match attr.as_str() {
+                "ADDR" => addr.clone(),
+                "PORT" => self.port.to_string(),
+                "NAME" => self.name.clone().unwrap_or_else(|| "[UNAVAILABLE]".into()),
+                "HELO" => match &self.helo {
+                    Some(h) => h.clone(),
+                    None => continue,
+                },
+                "PROTO" => if self.esmtp { "ESMTP" } else { "SMTP" }.to_string(),
+                "DESTADDR" if !xforward => self.local.ip().to_string(),
+                "DESTPORT" if !xforward => self.local.port().to_string(),
+                "SOURCE" if xforward => "REMOTE".to_string(),
+                _ => continue,
+            };
+            out.push(format!("{attr}={}", xtext(&value)));
+        }
+        out
+    }
+}
+
+/// RFC 3461 xtext: printable ASCII except `+` and `=` as is, the rest as `+XX`.
+fn xtext(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
 
 /// Why talking to the upstream failed. Each variant carries the stage (`"greeting"`,
 /// `"MAIL"`, `"end of data"`, …) and the upstream's name for the operator.
@@ -48,11 +108,13 @@ pub enum RelayError {
         stage: &'static str,
         reply: Reply,
     },
+    #[error("TLS with upstream {name} failed: {reason}")]
+    Tls { name: String, reason: String },
 }
 
 /// An open SMTP session to an upstream MTA.
 pub struct UpstreamConn {
-    stream: TcpStream,
+    stream: UpstreamStream,
     rbuf: Vec<u8>,
     parser: ReplyParser,
     pub upstream: Arc<Upstream>,
@@ -61,6 +123,11 @@ pub struct UpstreamConn {
     pub in_transaction: bool,
     /// The connection can no longer be used (error, 421, or timeout).
     pub broken: bool,
+    /// TLS version and cipher when STARTTLS succeeded.
+    pub tls: Option<(String, String)>,
+    /// The MTA accepted XCLIENT: it sees the real client for the whole connection.
+    pub xclient_done: bool,
+    client: Option<ClientIdentity>,
 }
 
 impl std::fmt::Debug for UpstreamConn {
@@ -72,9 +139,28 @@ impl std::fmt::Debug for UpstreamConn {
 }
 
 impl UpstreamConn {
-    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused). The
-    /// capabilities seen are also stored on the `Upstream` for thassp's own EHLO reply.
-    pub async fn connect(upstream: &Arc<Upstream>) -> Result<Self, RelayError> {
+    /// Connects, reads the greeting, says EHLO (HELO if EHLO is refused), upgrades to TLS
+    /// when the MTA offers STARTTLS (as configured), and tells the MTA the real client with
+    /// XCLIENT when offered. The capabilities seen are stored on the `Upstream` for
+    /// thassp's own EHLO reply.
+    pub async fn connect(
+        upstream: &Arc<Upstream>,
+        client: Option<&ClientIdentity>,
+    ) -> Result<Self, RelayError> {
+        match Self::connect_with(upstream, client, true).await {
+            Err(RelayError::Tls { reason, .. }) if upstream.tls == UpstreamTls::Opportunistic => {
+                warn!(upstream = %upstream.name, reason = %reason, "Opportunistic TLS with the upstream failed; retrying in plaintext.");
+                Self::connect_with(upstream, client, false).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_with(
+        upstream: &Arc<Upstream>,
+        client: Option<&ClientIdentity>,
+        allow_tls: bool,
+    ) -> Result<Self, RelayError> {
         let name = upstream.name.clone();
         let connect_err = |reason: String| RelayError::Connect {
             name: name.clone(),
@@ -95,13 +181,16 @@ impl UpstreamConn {
         // Lockstep request/reply traffic: Nagle plus delayed ACK would add ~40 ms a command.
         let _ = stream.set_nodelay(true);
         let mut conn = Self {
-            stream,
+            stream: MaybeTls::Plain(stream),
             rbuf: Vec::with_capacity(1024),
             parser: ReplyParser::default(),
             upstream: upstream.clone(),
             caps: Capabilities::default(),
             in_transaction: false,
             broken: false,
+            tls: None,
+            xclient_done: false,
+            client: client.cloned(),
         };
         let greeting = conn.read_reply("greeting", upstream.command_timeout).await?;
         if greeting.code != 220 {
@@ -112,24 +201,146 @@ impl UpstreamConn {
                 reply: greeting,
             });
         }
-        let ehlo = format!("EHLO {}\r\n", upstream.helo_name);
-        let reply = conn.command(ehlo.as_bytes(), "EHLO").await?;
-        if reply.code == 250 {
-            conn.caps = Capabilities::from_ehlo(&reply);
-        } else {
-            let helo = format!("HELO {}\r\n", upstream.helo_name);
-            let reply = conn.command(helo.as_bytes(), "HELO").await?;
-            if reply.code != 250 {
+        conn.ehlo().await?;
+        let tls_config = upstream
+            .tls_config
+            .clone()
+            .filter(|_| allow_tls && upstream.tls != UpstreamTls::Off);
+        match tls_config {
+            Some(config) if conn.caps.starttls => conn.starttls(config).await?,
+            _ if upstream.tls == UpstreamTls::Require => {
                 conn.broken = true;
-                return Err(RelayError::Refused {
+                return Err(RelayError::Tls {
                     name,
-                    stage: "HELO",
-                    reply,
+                    reason: "the MTA does not offer STARTTLS and tls = \"require\"".into(),
                 });
             }
+            _ => {}
+        }
+        if upstream.xclient && !conn.caps.xclient.is_empty() {
+            conn.xclient().await?;
         }
         upstream.set_capabilities(conn.caps.clone());
         Ok(conn)
+    }
+
+    async fn ehlo(&mut self) -> Result<(), RelayError> {
+        let ehlo = format!("EHLO {}\r\n", self.upstream.helo_name);
+        let reply = self.command(ehlo.as_bytes(), "EHLO").await?;
+        if reply.code == 250 {
+            self.caps = Capabilities::from_ehlo(&reply);
+            return Ok(());
+        }
+        let helo = format!("HELO {}\r\n", self.upstream.helo_name);
+        let reply = self.command(helo.as_bytes(), "HELO").await?;
+        if reply.code != 250 {
+            self.broken = true;
+            return Err(RelayError::Refused {
+                name: self.upstream.name.clone(),
+                stage: "HELO",
+                reply,
+            });
+        }
+        self.caps = Capabilities::default();
+        Ok(())
+    }
+
+    async fn starttls(&mut self, config: Arc<rustls::ClientConfig>) -> Result<(), RelayError> {
+        let name = self.upstream.name.clone();
+        let reply = self.command(b"STARTTLS\r\n", "STARTTLS").await?;
+        if reply.code != 220 {
+            self.broken = true;
+            return Err(RelayError::Tls {
+                name,
+                reason: format!("STARTTLS refused: {reply}"),
+            });
+        }
+        if !self.rbuf.is_empty() {
+            // Bytes after the 220 would be injected into the TLS session.
+            self.broken = true;
+            return Err(RelayError::Tls {
+                name,
+                reason: "data received after the 220 to STARTTLS".into(),
+            });
+        }
+        let Some(tcp) = self.stream.take_plain() else {
+            self.broken = true;
+            return Err(RelayError::Tls {
+                name,
+                reason: "connection already uses TLS".into(),
+            });
+        };
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let server_name = self.upstream.tls_server_name.clone();
+        let handshake =
+            tokio::time::timeout(self.upstream.command_timeout, connector.connect(server_name, tcp)).await;
+        match handshake {
+            Ok(Ok(tls)) => {
+                let (_, state) = tls.get_ref();
+                self.tls = Some(crate::tls::describe(
+                    state.protocol_version(),
+                    state.negotiated_cipher_suite(),
+                ));
+                self.stream = MaybeTls::Tls(Box::new(tls));
+            }
+            Ok(Err(e)) => {
+                self.broken = true;
+                return Err(RelayError::Tls {
+                    name,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                self.broken = true;
+                return Err(RelayError::Tls {
+                    name,
+                    reason: "handshake timed out".into(),
+                });
+            }
+        }
+        // RFC 3207 §4.2: forget everything learnt before TLS and ask again.
+        self.ehlo().await
+    }
+
+    /// XCLIENT: the MTA then logs and applies its policies to the real client. A refusal is
+    /// logged and the session goes on without it.
+    async fn xclient(&mut self) -> Result<(), RelayError> {
+        let Some(client) = self.client.clone() else {
+            return Ok(());
+        };
+        let attrs = client.attributes(&self.caps.xclient, false);
+        if attrs.is_empty() {
+            return Ok(());
+        }
+        let line = format!("XCLIENT {}\r\n", attrs.join(" "));
+        let reply = self.command(line.as_bytes(), "XCLIENT").await?;
+        if reply.code != 220 {
+            warn!(upstream = %self.upstream.name, reply = %reply, "Upstream refused XCLIENT; it will see thassp as the client.");
+            return Ok(());
+        }
+        self.xclient_done = true;
+        self.ehlo().await
+    }
+
+    /// XFORWARD before a transaction, when XCLIENT is not available.
+    pub async fn xforward(&mut self) -> Result<(), RelayError> {
+        if self.xclient_done || !self.upstream.xclient || self.caps.xforward.is_empty() {
+            return Ok(());
+        }
+        let Some(client) = self.client.clone() else {
+            return Ok(());
+        };
+        let attrs = client.attributes(&self.caps.xforward, true);
+        if attrs.is_empty() {
+            return Ok(());
+        }
+        let reply = self
+            .command(format!("XFORWARD {}\r\n", attrs.join(" ")).as_bytes(), "XFORWARD")
+            .await?;
+        if reply.code != 250 {
+            warn!(upstream = %self.upstream.name, reply = %reply, "Upstream refused XFORWARD.");
+        }
+        Ok(())
     }
 
     fn err_io(&self, stage: &'static str, e: std::io::Error) -> RelayError {
@@ -265,8 +476,37 @@ async fn connect_any(address: &str) -> std::io::Result<TcpStream> {
 
 /// Connects once, reads the capabilities and quits: the periodic health probe.
 pub async fn probe(upstream: &Arc<Upstream>) -> Result<Capabilities, RelayError> {
-    let conn = UpstreamConn::connect(upstream).await?;
+    let conn = UpstreamConn::connect(upstream, None).await?;
     let caps = conn.caps.clone();
     conn.quit().await;
     Ok(caps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xclient_attributes() {
+        let id = ClientIdentity {
+            addr: "2001:db8::1".parse().unwrap(),
+            port: 4321,
+            name: None,
+            helo: Some("odd+name=x".into()),
+            esmtp: true,
+            local: "192.0.2.1:25".parse().unwrap(),
+        };
+        let offered: Vec<String> = ["NAME", "ADDR", "PORT", "HELO", "PROTO", "LOGIN", "DESTADDR"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            id.attributes(&offered, false).join(" "),
+            "NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::1 PORT=4321 HELO=odd+2Bname+3Dx PROTO=ESMTP DESTADDR=192.0.2.1"
+        );
+        let fwd: Vec<String> = ["NAME", "ADDR", "SOURCE"].map(String::from).to_vec();
+        assert_eq!(
+            id.attributes(&fwd, true).join(" "),
+            "NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::1 SOURCE=REMOTE"
+        );
+    }
 }

@@ -16,11 +16,30 @@ use super::codec::{
     self, BareLineEnd, COMMAND_LINE_MAX, Command, CommandError, DataReader, DataViolation, ENVELOPE_LINE_MAX,
     LineStatus, Param, Reply,
 };
-use super::relay::{RelayError, UpstreamConn};
+use super::relay::{ClientIdentity, RelayError, UpstreamConn};
 use crate::app::{Phase, Snapshot};
-use crate::config::BareLineEndPolicy;
+use crate::config::{AuthPolicy, BareLineEndPolicy};
 use crate::policy::{Action, Category, Context, Refusal, SessionInfo, Stage};
+use crate::stream::MaybeTls;
 use crate::upstream::{Capabilities, Upstream};
+
+type ClientStream<S> = MaybeTls<S, tokio_rustls::server::TlsStream<S>>;
+
+/// RFC 4954 §4: a SASL response line may be up to 12288 octets.
+const AUTH_LINE_MAX: usize = 12288;
+/// Time allowed for a TLS handshake with the client.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the listener a session came in on allows.
+#[derive(Clone, Default)]
+pub struct ListenerPolicy {
+    /// Server TLS configuration when the listener has a certificate.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS from the first byte (port 465 style) instead of STARTTLS.
+    pub implicit_tls: bool,
+    pub require_tls: bool,
+    pub auth: AuthPolicy,
+}
 
 /// Why a session ends early.
 #[derive(Debug)]
@@ -42,6 +61,10 @@ pub struct SessionSummary {
     pub transactions: u32,
     pub delivered: u32,
     pub last_reply: Option<String>,
+    /// Failed AUTH attempts (the upstream's 535), for reputation.
+    pub auth_failures: u32,
+    /// A TLS handshake with the client failed.
+    pub tls_failed: bool,
 }
 
 /// One mail transaction, from MAIL to the end of DATA or RSET.
@@ -66,7 +89,8 @@ struct Transaction {
 }
 
 pub struct Session<S> {
-    io: S,
+    io: ClientStream<S>,
+    listener: ListenerPolicy,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
     snap: Arc<Snapshot>,
@@ -84,9 +108,16 @@ pub struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub fn new(io: S, snap: Arc<Snapshot>, info: SessionInfo, shutdown: watch::Receiver<Phase>) -> Self {
+    pub fn new(
+        io: S,
+        snap: Arc<Snapshot>,
+        info: SessionInfo,
+        listener: ListenerPolicy,
+        shutdown: watch::Receiver<Phase>,
+    ) -> Self {
         Self {
-            io,
+            io: MaybeTls::Plain(io),
+            listener,
             rbuf: BytesMut::with_capacity(4096),
             wbuf: Vec::with_capacity(1024),
             snap,
@@ -104,6 +135,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 transactions: 0,
                 delivered: 0,
                 last_reply: None,
+                auth_failures: 0,
+                tls_failed: false,
             },
         }
     }
@@ -157,6 +190,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn serve(&mut self) -> Result<(), Stop> {
+        if self.listener.implicit_tls {
+            self.tls_handshake().await?;
+        }
         let decision = self
             .snap
             .pipeline
@@ -255,6 +291,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The next command line (without terminator). Over-long lines are refused and skipped
     /// without being buffered.
     async fn next_line(&mut self) -> Result<Vec<u8>, Stop> {
+        self.next_line_within(ENVELOPE_LINE_MAX).await
+    }
+
+    async fn next_line_within(&mut self, limit: usize) -> Result<Vec<u8>, Stop> {
         loop {
             if self.discarding {
                 match self.rbuf.iter().position(|&b| b == b'\n') {
@@ -267,7 +307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     None => self.rbuf.clear(),
                 }
             } else {
-                match codec::find_line(&self.rbuf, ENVELOPE_LINE_MAX) {
+                match codec::find_line(&self.rbuf, limit) {
                     LineStatus::Complete { len, content } => {
                         let line = self.rbuf[..content].to_vec();
                         self.rbuf.advance(len);
@@ -346,10 +386,217 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 });
                 Ok(())
             }
-            Command::StartTls | Command::Auth(_) | Command::Bdat => {
-                self.error_reply(&Reply::build(502, "5.5.1", "Command not implemented here"))
-            }
+            Command::StartTls => self.handle_starttls().await,
+            Command::Auth(arg) => self.handle_auth(arg).await,
+            Command::Bdat => self.error_reply(&Reply::build(502, "5.5.1", "Command not implemented here")),
             Command::Unknown(_) => self.error_reply(&Reply::build(500, "5.5.2", "Command not recognized")),
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // TLS and AUTH
+    // --------------------------------------------------------------------------------------
+
+    /// Runs the server side of a TLS handshake on the current (plain) stream.
+    async fn tls_handshake(&mut self) -> Result<(), Stop> {
+        let Some(config) = self.listener.tls.clone() else {
+            return Err(Stop::Closed);
+        };
+        let Some(plain) = self.io.take_plain() else {
+            return Err(Stop::Closed);
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(plain)).await {
+            Ok(Ok(tls)) => {
+                let (_, state) = tls.get_ref();
+                self.info.tls = Some(crate::tls::describe(
+                    state.protocol_version(),
+                    state.negotiated_cipher_suite(),
+                ));
+                self.io = MaybeTls::Tls(Box::new(tls));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.summary.tls_failed = true;
+                warn!(session = %self.info.id, client = %self.info.peer.ip(), error = %e, "TLS handshake with the client failed.");
+                Err(Stop::ClientGone)
+            }
+            Err(_) => {
+                self.summary.tls_failed = true;
+                warn!(session = %self.info.id, client = %self.info.peer.ip(), "TLS handshake with the client timed out.");
+                Err(Stop::ClientGone)
+            }
+        }
+    }
+
+    async fn handle_starttls(&mut self) -> Result<(), Stop> {
+        if self.listener.tls.is_none() {
+            return self.error_reply(&Reply::build(502, "5.5.1", "STARTTLS not available"));
+        }
+        if self.io.is_tls() {
+            return self.error_reply(&Reply::build(503, "5.5.1", "TLS already active"));
+        }
+        self.reply(&Reply::build(220, "2.0.0", "Ready to start TLS"));
+        self.flush().await?;
+        // RFC 3207 §5 / CVE-2011-0411: anything pipelined after STARTTLS arrived in plaintext
+        // and must never be executed inside the TLS session.
+        if !self.rbuf.is_empty() {
+            warn!(session = %self.info.id, client = %self.info.peer.ip(), bytes = self.rbuf.len(), "Discarding plaintext pipelined after STARTTLS.");
+            self.rbuf.clear();
+        }
+        self.tls_handshake().await?;
+        // RFC 3207 §4.2: the session starts over; the client must EHLO again.
+        self.tx = None;
+        self.info.helo = None;
+        self.info.esmtp = false;
+        self.advertised = None;
+        self.seen_command = false;
+        if let Some(up) = self.upstream.take() {
+            up.quit().await;
+        }
+        Ok(())
+    }
+
+    /// SASL mechanisms offered to this client now: those of the upstream AUTH is relayed
+    /// to, when the listener's policy allows AUTH in this state.
+    fn auth_mechanisms(&self) -> Vec<String> {
+        let allowed = match self.listener.auth {
+            AuthPolicy::Never => false,
+            AuthPolicy::Always => true,
+            AuthPolicy::AfterTls => self.io.is_tls(),
+        };
+        if !allowed || self.info.authenticated.is_some() {
+            return Vec::new();
+        }
+        self.snap
+            .routes
+            .auth_upstream()
+            .and_then(|u| u.capabilities())
+            .map(|c| c.auth.clone())
+            .unwrap_or_default()
+    }
+
+    /// Relays a SASL exchange line by line to the upstream. Its 235 authenticates the
+    /// session; credentials pass through and are never logged or kept.
+    async fn handle_auth(&mut self, arg: String) -> Result<(), Stop> {
+        if self.info.helo.is_none() || !self.info.esmtp {
+            return self.error_reply(&Reply::build(503, "5.5.1", "Send EHLO first"));
+        }
+        if self.info.authenticated.is_some() {
+            return self.error_reply(&Reply::build(503, "5.5.1", "Already authenticated"));
+        }
+        if self.tx.is_some() {
+            return self.error_reply(&Reply::build(
+                503,
+                "5.5.1",
+                "AUTH not allowed during a mail transaction",
+            ));
+        }
+        if self.listener.require_tls && !self.io.is_tls() {
+            return self.error_reply(&Reply::build(530, "5.7.0", "Must issue a STARTTLS command first"));
+        }
+        let mechanisms = self.auth_mechanisms();
+        if mechanisms.is_empty() {
+            if self.listener.auth == AuthPolicy::AfterTls && !self.io.is_tls() && self.listener.tls.is_some()
+            {
+                return self.error_reply(&Reply::build(
+                    538,
+                    "5.7.11",
+                    "Encryption required for requested authentication mechanism",
+                ));
+            }
+            return self.error_reply(&Reply::build(503, "5.5.1", "AUTH not available"));
+        }
+        let mut words = arg.split_whitespace();
+        let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+        let initial = words.next().map(str::to_string);
+        if !mechanisms.contains(&mechanism) {
+            return self.error_reply(&Reply::build(504, "5.5.4", "Unrecognized authentication type"));
+        }
+        let Some(up) = self.snap.routes.auth_upstream().cloned() else {
+            return self.error_reply(&Reply::build(454, "4.7.0", "Temporary authentication failure"));
+        };
+        let reusable = self
+            .upstream
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.upstream, &up) && !c.broken);
+        if !reusable {
+            if let Some(old) = self.upstream.take() {
+                old.quit().await;
+            }
+            let identity = self.identity();
+            match UpstreamConn::connect(&up, Some(&identity)).await {
+                Ok(c) => self.upstream = Some(c),
+                Err(e) => {
+                    self.upstream_failure(&e);
+                    return self.error_reply(&Reply::build(454, "4.7.0", "Temporary authentication failure"));
+                }
+            }
+        }
+        // The user name is logged (PLAIN's authcid, LOGIN's first answer); passwords never.
+        let mut user = initial.as_deref().and_then(|i| sasl_user(&mechanism, i, 0));
+        let mut line = match &initial {
+            Some(i) => format!("AUTH {mechanism} {i}\r\n"),
+            None => format!("AUTH {mechanism}\r\n"),
+        };
+        let mut round = 0;
+        let reply = loop {
+            let Some(conn) = self.upstream.as_mut() else {
+                return self.error_reply(&Reply::build(454, "4.7.0", "Temporary authentication failure"));
+            };
+            let reply = match conn.command(line.as_bytes(), "AUTH").await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.upstream_failure(&e);
+                    return self.error_reply(&Reply::build(454, "4.7.0", "Temporary authentication failure"));
+                }
+            };
+            if reply.code != 334 {
+                break reply;
+            }
+            round += 1;
+            if round > 10 {
+                warn!(session = %self.info.id, "SASL exchange longer than 10 rounds; aborting it.");
+                if let Some(conn) = self.upstream.as_mut() {
+                    conn.broken = true;
+                }
+                return self.error_reply(&Reply::build(501, "5.5.2", "Authentication exchange too long"));
+            }
+            // Challenges carry no enhanced code (RFC 4954 §4).
+            self.reply(&Reply {
+                enhanced: None,
+                ..reply
+            });
+            let response = self.next_line_within(AUTH_LINE_MAX).await?;
+            let response = String::from_utf8_lossy(&response).into_owned();
+            if user.is_none() {
+                user = sasl_user(&mechanism, &response, round);
+            }
+            line = format!("{response}\r\n");
+        };
+        if reply.code == 235 {
+            let user = user.unwrap_or_else(|| "unknown".into());
+            info!(session = %self.info.id, client = %self.info.peer.ip(), user = %user, mechanism = %mechanism, "Client authenticated through the upstream.");
+            self.info.authenticated = Some(user);
+            self.reply(&reply.with_default_enhanced((7, 0)));
+            return Ok(());
+        }
+        if reply.is_permanent() && reply.code != 501 {
+            self.summary.auth_failures += 1;
+            warn!(session = %self.info.id, client = %self.info.peer.ip(), user = user.as_deref().unwrap_or(""), mechanism = %mechanism, reply = %reply, "Authentication failed.");
+        }
+        self.error_reply(&reply.with_default_enhanced((7, 8)))
+    }
+
+    /// The real client, for XCLIENT/XFORWARD.
+    fn identity(&self) -> ClientIdentity {
+        ClientIdentity {
+            addr: self.info.peer.ip(),
+            port: self.info.peer.port(),
+            name: None,
+            helo: self.info.helo.clone(),
+            esmtp: self.info.esmtp,
+            local: self.info.local,
         }
     }
 
@@ -421,6 +668,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if adv.dsn {
             lines.push("DSN".into());
         }
+        if self.listener.tls.is_some() && !self.io.is_tls() {
+            lines.push("STARTTLS".into());
+        }
+        let mechanisms = self.auth_mechanisms();
+        if !mechanisms.is_empty() {
+            lines.push(format!("AUTH {}", mechanisms.join(" ")));
+        }
         self.advertised = Some(adv);
         self.reply(&Reply {
             code: 250,
@@ -436,6 +690,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if self.tx.is_some() {
             return self.error_reply(&Reply::build(503, "5.5.1", "Nested MAIL command"));
+        }
+        if self.listener.require_tls && !self.io.is_tls() {
+            return self.error_reply(&Reply::build(530, "5.7.0", "Must issue a STARTTLS command first"));
         }
         let adv = self.advertised.clone().unwrap_or_default();
         let mut smtputf8 = false;
@@ -544,14 +801,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Some(old) = self.upstream.take() {
                 old.quit().await;
             }
-            match UpstreamConn::connect(up).await {
+            if self.info.authenticated.is_some() {
+                // The upstream session that authenticated cannot be recreated without the
+                // credentials, which thassp never keeps.
+                return Err(Reply::build(
+                    451,
+                    "4.4.1",
+                    "Upstream session lost, try again later",
+                ));
+            }
+            let identity = self.identity();
+            match UpstreamConn::connect(up, Some(&identity)).await {
                 Ok(c) => self.upstream = Some(c),
                 Err(e) => return Err(self.upstream_failure(&e)),
             }
         }
-        let Some(tx) = self.tx.as_ref() else {
+        if self.tx.is_none() {
             return Err(Reply::build(503, "5.5.1", "Need MAIL command"));
-        };
+        }
         let Some(conn) = self.upstream.as_mut() else {
             return Err(Reply::build(
                 451,
@@ -566,6 +833,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.upstream = None;
             return Err(r);
         }
+        if let Err(e) = conn.xforward().await {
+            let r = self.upstream_failure(&e);
+            return Err(r);
+        }
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(Reply::build(503, "5.5.1", "Need MAIL command"));
+        };
+        let Some(conn) = self.upstream.as_mut() else {
+            return Err(Reply::build(
+                451,
+                "4.4.1",
+                "Upstream unavailable, try again later",
+            ));
+        };
         let line = match mail_line(tx, &conn.caps) {
             Ok(l) => l,
             Err(r) => return Err(r),
@@ -994,19 +1275,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .collect();
         let tx = self.tx.as_ref();
         let utf8 = tx.is_some_and(|t| t.smtputf8);
-        let proto = match (utf8, self.info.esmtp, self.info.authenticated.is_some()) {
-            (true, _, false) => "UTF8SMTP",
-            (true, _, true) => "UTF8SMTPA",
-            (false, true, true) => "ESMTPA",
-            (false, true, false) => "ESMTP",
-            (false, false, _) => "SMTP",
+        // RFC 3848 / RFC 6531 "with" keywords.
+        let base = match (utf8, self.info.esmtp) {
+            (true, _) => "UTF8SMTP",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        let tls = self.info.tls.is_some();
+        let auth = self.info.authenticated.is_some();
+        let proto = format!(
+            "{base}{}{}",
+            if tls && base != "SMTP" { "S" } else { "" },
+            if auth && base != "SMTP" { "A" } else { "" }
+        );
+        let tls_comment = match &self.info.tls {
+            Some((version, cipher)) => format!("\r\n\t(using {version} with cipher {cipher})"),
+            None => String::new(),
         };
         let for_clause = match tx.map(|t| t.rcpts.as_slice()) {
             Some([(only, _)]) => format!("\r\n\tfor {only}"),
             _ => String::new(),
         };
         format!(
-            "Received: from {helo} (unknown {literal})\r\n\tby {host} (thassp) with {proto} id {id}.{n}{for_clause};\r\n\t{date}\r\n",
+            "Received: from {helo} (unknown {literal}){tls_comment}\r\n\tby {host} (thassp) with {proto} id {id}.{n}{for_clause};\r\n\t{date}\r\n",
             host = self.info.hostname,
             id = self.info.id,
             n = self.summary.transactions,
@@ -1065,6 +1356,26 @@ fn syntax_reply(e: &CommandError) -> Reply {
         CommandError::Parameter(p) => Reply::build(501, "5.5.4", format!("Bad parameter syntax: {p}")),
         CommandError::TooLong => Reply::build(500, "5.5.2", "Line too long"),
     }
+}
+
+/// The user name in a SASL response: PLAIN's authcid (initial response or first answer),
+/// LOGIN's first answer. Anything else is not decoded.
+fn sasl_user(mechanism: &str, response: &str, round: u32) -> Option<String> {
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(response.trim())
+        .ok()?;
+    let user = match (mechanism, round) {
+        ("PLAIN", 0 | 1) => decoded.split(|&b| b == 0).nth(1)?.to_vec(),
+        ("LOGIN", 0 | 1) => decoded,
+        _ => return None,
+    };
+    let user: String = String::from_utf8_lossy(&user)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(128)
+        .collect();
+    (!user.is_empty()).then_some(user)
 }
 
 fn valid_notify(v: &str) -> bool {
