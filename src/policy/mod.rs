@@ -102,12 +102,153 @@ pub enum Verdict {
     /// Not applicable here.
     Skip,
     Pass,
-    /// Adds to the message score.
-    Score(f32),
-    /// Whitelisted: stop checking this stage.
+    /// Adds to the score; `refusal` is what a too-high total is refused with.
+    Score {
+        points: f32,
+        refusal: Refusal,
+    },
+    /// Whitelisted: stop checking for the session or the transaction.
     Accept,
+    /// Whitelisted for the named checks only (e.g. `greylist`), for the session or the
+    /// transaction.
+    Exempt(Arc<[String]>),
+    /// The check would have refused (action `monitor`): logged and counted, nothing done.
+    Monitor(Refusal),
     TempFail(Refusal),
     Reject(Refusal),
+}
+
+/// What a check does when its condition holds: `reject`, `tempfail`, `score:N` or
+/// `monitor` in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CheckAction {
+    Reject,
+    TempFail,
+    Score(f32),
+    Monitor,
+}
+
+impl CheckAction {
+    /// The verdict for a refusal under this action. `refusal` is written as the permanent
+    /// (5xx) form; `tempfail` turns it into its 4xx twin.
+    pub fn verdict(self, refusal: Refusal) -> Verdict {
+        match self {
+            Self::Reject => Verdict::Reject(refusal),
+            Self::TempFail => Verdict::TempFail(refusal.temporary()),
+            Self::Score(points) => Verdict::Score { points, refusal },
+            Self::Monitor => Verdict::Monitor(refusal),
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "reject" => Ok(Self::Reject),
+            "tempfail" => Ok(Self::TempFail),
+            "monitor" => Ok(Self::Monitor),
+            t => match t.strip_prefix("score:").map(|n| n.trim().parse::<f32>()) {
+                Some(Ok(n)) if n.is_finite() => Ok(Self::Score(n)),
+                _ => Err(format!(
+                    "{t:?} is not an action (reject, tempfail, monitor or score:N)"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for CheckAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Reject => f.write_str("reject"),
+            Self::TempFail => f.write_str("tempfail"),
+            Self::Monitor => f.write_str("monitor"),
+            Self::Score(n) => write!(f, "score:{n}"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CheckAction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for CheckAction {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl Refusal {
+    /// The 4xx twin of a 5xx refusal (`550 5.7.1` → `450 4.7.1`, `554` → `451`).
+    pub fn temporary(mut self) -> Self {
+        if self.reply.code >= 500 {
+            self.reply.code = match self.reply.code {
+                550 => 450,
+                551 | 553 => 450,
+                552 => 452,
+                554 => 451,
+                c => c - 100,
+            };
+            if let Some(e) = self.reply.enhanced.as_mut() {
+                e.0 = 4;
+            }
+        }
+        self
+    }
+}
+
+/// Reverse DNS of the client, looked up once per session (see `dns.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ptr {
+    /// No PTR record (NXDOMAIN or no data).
+    None,
+    /// A PTR name whose A/AAAA records do not include the client's address.
+    Unconfirmed(String),
+    /// Forward-confirmed reverse DNS (FCrDNS): the name resolves back to the client.
+    Confirmed(String),
+    /// The lookup failed (timeout, SERVFAIL); checks treat this as "cannot decide".
+    Error(String),
+}
+
+impl Ptr {
+    /// The name, confirmed or not.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Unconfirmed(n) | Self::Confirmed(n) => Some(n),
+            Self::None | Self::Error(_) => None,
+        }
+    }
+}
+
+/// Facts about the connection that several checks (and the Received header) need,
+/// computed once on first use and shared.
+#[derive(Debug, Default)]
+pub struct SessionFacts {
+    pub ptr: tokio::sync::OnceCell<Ptr>,
+}
+
+/// Checks a whitelist exempted the session or transaction from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exemptions {
+    /// Exempt from every check.
+    pub all: bool,
+    pub checks: Vec<String>,
+}
+
+impl Exemptions {
+    pub fn covers(&self, check: &str) -> bool {
+        self.all || self.checks.iter().any(|c| c == check)
+    }
+
+    pub fn add(&mut self, other: &Self) {
+        self.all |= other.all;
+        for c in &other.checks {
+            if !self.checks.contains(c) {
+                self.checks.push(c.clone());
+            }
+        }
+    }
 }
 
 /// A check could not decide (DNS timeout, store error); the pipeline's `on_error` decides.
@@ -146,6 +287,10 @@ pub struct Context<'a> {
     pub recipients: &'a [Address],
     /// The unstuffed message at `Data`.
     pub message: Option<&'a [u8]>,
+    /// Shared per-session facts (PTR).
+    pub facts: &'a SessionFacts,
+    /// What whitelists exempted so far; the pipeline skips those checks.
+    pub exempt: &'a Exemptions,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -157,6 +302,11 @@ pub trait Check: Send + Sync {
     /// The stages this check runs at.
     fn stages(&self) -> &'static [Stage];
     fn check<'a>(&'a self, cx: &'a Context<'a>) -> BoxFuture<'a, Result<Verdict, CheckError>>;
+    /// True when the check waits on the network or a store (DNS, SQL, Redis). Such checks
+    /// of one stage run concurrently, after the local ones.
+    fn needs_io(&self) -> bool {
+        false
+    }
 }
 
 /// What a failing check means.
@@ -176,6 +326,8 @@ pub struct Decision {
     pub check: Option<&'static str>,
     /// Sum of `Score` verdicts at this stage.
     pub score: f32,
+    /// Exemptions granted at this stage (`Accept` grants all).
+    pub exempt: Exemptions,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -186,11 +338,13 @@ pub enum Action {
     Reject(Refusal),
 }
 
-/// The configured checks, in order.
+/// The configured checks, in order, and how their verdicts combine.
 #[derive(Clone)]
 pub struct Pipeline {
     checks: Vec<Arc<dyn Check>>,
     on_error: OnError,
+    /// A stage whose scores add up to this is refused. `None`: scores only inform.
+    score_limit: Option<f32>,
 }
 
 impl fmt::Debug for Pipeline {
@@ -201,13 +355,23 @@ impl fmt::Debug for Pipeline {
                 &self.checks.iter().map(|c| c.name()).collect::<Vec<_>>(),
             )
             .field("on_error", &self.on_error)
+            .field("score_limit", &self.score_limit)
             .finish()
     }
 }
 
 impl Pipeline {
     pub fn new(checks: Vec<Arc<dyn Check>>, on_error: OnError) -> Self {
-        Self { checks, on_error }
+        Self {
+            checks,
+            on_error,
+            score_limit: None,
+        }
+    }
+
+    pub fn with_score_limit(mut self, limit: Option<f32>) -> Self {
+        self.score_limit = limit;
+        self
     }
 
     /// Adds a check at the end (embedders and tests add their own checks this way).
@@ -215,59 +379,134 @@ impl Pipeline {
         self.checks.push(check);
     }
 
-    /// Runs the checks of `cx.stage` in order. `Accept`, `TempFail` and `Reject` stop the
-    /// stage; a check error becomes a verdict through `on_error` only.
+    /// Names of the configured checks, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.checks.iter().map(|c| c.name()).collect()
+    }
+
+    fn error_verdict(&self, cx: &Context<'_>, check: &dyn Check, e: &CheckError) -> Verdict {
+        tracing::warn!(session = %cx.session.id, check = check.name(), error = %e, "Check could not decide.");
+        match self.on_error {
+            OnError::Pass => Verdict::Pass,
+            OnError::TempFail => Verdict::TempFail(Refusal {
+                reply: Reply::build(
+                    451,
+                    "4.3.0",
+                    "Temporary local problem checking this request, try again later",
+                ),
+                category: Category::Other,
+            }),
+        }
+    }
+
+    /// Runs the checks of `cx.stage` that the exemptions do not cover. Local checks run
+    /// first, in configured order; then the checks that need I/O run concurrently (one
+    /// round of DNS lookups, not one per check) and their verdicts are taken in configured
+    /// order. `Accept`, `TempFail` and `Reject` end the stage; a check error becomes a
+    /// verdict through `on_error` only.
     pub async fn run(&self, cx: &Context<'_>) -> Decision {
-        let mut score = 0.0;
-        for check in self.checks.iter().filter(|c| c.stages().contains(&cx.stage)) {
+        let applicable: Vec<&Arc<dyn Check>> = self
+            .checks
+            .iter()
+            .filter(|c| c.stages().contains(&cx.stage) && !cx.exempt.covers(c.name()))
+            .collect();
+        let mut state = Combine {
+            score: 0.0,
+            exempt: Exemptions::default(),
+            top_score: None,
+        };
+        for check in applicable.iter().filter(|c| !c.needs_io()) {
             let verdict = match check.check(cx).await {
                 Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(session = %cx.session.id, check = check.name(), error = %e, "Check could not decide.");
-                    match self.on_error {
-                        OnError::Pass => Verdict::Pass,
-                        OnError::TempFail => Verdict::TempFail(Refusal {
-                            reply: Reply::build(
-                                451,
-                                "4.3.0",
-                                "Temporary local problem checking this request, try again later",
-                            ),
-                            category: Category::Other,
-                        }),
-                    }
-                }
+                Err(e) => self.error_verdict(cx, check.as_ref(), &e),
             };
-            let name = Some(check.name());
-            match verdict {
-                Verdict::Skip | Verdict::Pass => {}
-                Verdict::Score(n) => score += n,
-                Verdict::Accept => {
-                    return Decision {
-                        action: Action::Accept,
-                        check: name,
-                        score,
-                    };
-                }
-                Verdict::TempFail(r) => {
-                    return Decision {
-                        action: Action::TempFail(r),
-                        check: name,
-                        score,
-                    };
-                }
-                Verdict::Reject(r) => {
-                    return Decision {
-                        action: Action::Reject(r),
-                        check: name,
-                        score,
-                    };
+            if let Some(d) = state.take(cx, check.name(), verdict) {
+                return d;
+            }
+        }
+        let io: Vec<&Arc<dyn Check>> = applicable
+            .iter()
+            .copied()
+            .filter(|c| c.needs_io() && !state.exempt.covers(c.name()))
+            .collect();
+        if !io.is_empty() {
+            let results = futures_util::future::join_all(io.iter().map(|c| c.check(cx))).await;
+            for (check, result) in io.iter().zip(results) {
+                let verdict = match result {
+                    Ok(v) => v,
+                    Err(e) => self.error_verdict(cx, check.as_ref(), &e),
+                };
+                if let Some(d) = state.take(cx, check.name(), verdict) {
+                    return d;
                 }
             }
+        }
+        if let (Some(limit), Some((name, refusal, _))) = (self.score_limit, state.top_score.as_ref())
+            && state.score >= limit
+        {
+            let mut refusal = refusal.clone();
+            refusal.reply.lines = vec![format!(
+                "{} (score {:.1} of {limit:.1})",
+                refusal.reply.lines.join(" "),
+                state.score
+            )];
+            return Decision {
+                action: Action::Reject(refusal),
+                check: Some(name),
+                score: state.score,
+                exempt: state.exempt,
+            };
         }
         Decision {
             action: Action::Continue,
             check: None,
-            score,
+            score: state.score,
+            exempt: state.exempt,
+        }
+    }
+}
+
+struct Combine {
+    score: f32,
+    exempt: Exemptions,
+    /// The check that added the most, whose refusal explains a too-high total.
+    top_score: Option<(&'static str, Refusal, f32)>,
+}
+
+impl Combine {
+    fn take(&mut self, cx: &Context<'_>, name: &'static str, verdict: Verdict) -> Option<Decision> {
+        let decision = |this: &Self, action| Decision {
+            action,
+            check: Some(name),
+            score: this.score,
+            exempt: this.exempt.clone(),
+        };
+        match verdict {
+            Verdict::Skip | Verdict::Pass => None,
+            Verdict::Score { points, refusal } => {
+                self.score += points;
+                if self.top_score.as_ref().is_none_or(|(_, _, p)| points > *p) {
+                    self.top_score = Some((name, refusal, points));
+                }
+                None
+            }
+            Verdict::Monitor(refusal) => {
+                tracing::info!(session = %cx.session.id, check = name, reply = %refusal.reply, category = %refusal.category, "Monitor: the check would have refused.");
+                None
+            }
+            Verdict::Exempt(checks) => {
+                self.exempt.add(&Exemptions {
+                    all: false,
+                    checks: checks.to_vec(),
+                });
+                None
+            }
+            Verdict::Accept => {
+                self.exempt.all = true;
+                Some(decision(self, Action::Accept))
+            }
+            Verdict::TempFail(r) => Some(decision(self, Action::TempFail(r))),
+            Verdict::Reject(r) => Some(decision(self, Action::Reject(r))),
         }
     }
 }
@@ -276,17 +515,41 @@ impl Pipeline {
 mod tests {
     use super::*;
 
-    struct Fixed(&'static str, Result<Verdict, ()>);
+    struct Fixed {
+        name: &'static str,
+        verdict: Result<Verdict, ()>,
+        io: bool,
+    }
+
+    fn fixed(name: &'static str, verdict: Result<Verdict, ()>) -> Arc<dyn Check> {
+        Arc::new(Fixed {
+            name,
+            verdict,
+            io: false,
+        })
+    }
+
+    fn io(name: &'static str, verdict: Result<Verdict, ()>) -> Arc<dyn Check> {
+        Arc::new(Fixed {
+            name,
+            verdict,
+            io: true,
+        })
+    }
+
     impl Check for Fixed {
         fn name(&self) -> &'static str {
-            self.0
+            self.name
         }
         fn stages(&self) -> &'static [Stage] {
             &[Stage::Mail]
         }
         fn check<'a>(&'a self, _: &'a Context<'a>) -> BoxFuture<'a, Result<Verdict, CheckError>> {
-            let v = self.1.clone().map_err(|_| CheckError("dns timeout".into()));
+            let v = self.verdict.clone().map_err(|_| CheckError("dns timeout".into()));
             Box::pin(async move { v })
+        }
+        fn needs_io(&self) -> bool {
+            self.io
         }
     }
 
@@ -304,8 +567,9 @@ mod tests {
         }
     }
 
-    async fn run(checks: Vec<Arc<dyn Check>>, on_error: OnError, stage: Stage) -> Decision {
+    async fn run_with(pipeline: Pipeline, stage: Stage, exempt: &Exemptions) -> Decision {
         let info = info();
+        let facts = SessionFacts::default();
         let cx = Context {
             stage,
             session: &info,
@@ -313,51 +577,141 @@ mod tests {
             recipient: None,
             recipients: &[],
             message: None,
+            facts: &facts,
+            exempt,
         };
-        Pipeline::new(checks, on_error).run(&cx).await
+        pipeline.run(&cx).await
+    }
+
+    async fn run(checks: Vec<Arc<dyn Check>>, on_error: OnError, stage: Stage) -> Decision {
+        run_with(Pipeline::new(checks, on_error), stage, &Exemptions::default()).await
+    }
+
+    fn refusal(category: Category) -> Refusal {
+        Refusal {
+            reply: Reply::build(550, "5.7.1", "no"),
+            category,
+        }
     }
 
     #[tokio::test]
     async fn order_scores_and_errors() {
-        let reject = Refusal {
-            reply: Reply::build(550, "5.7.1", "no"),
-            category: Category::Blacklist,
-        };
+        let reject = refusal(Category::Blacklist);
         let d = run(
             vec![
-                Arc::new(Fixed("a", Ok(Verdict::Score(1.5)))),
-                Arc::new(Fixed("b", Ok(Verdict::Reject(reject.clone())))),
-                Arc::new(Fixed("c", Ok(Verdict::Accept))),
+                fixed(
+                    "a",
+                    Ok(Verdict::Score {
+                        points: 1.5,
+                        refusal: refusal(Category::Dnsbl),
+                    }),
+                ),
+                fixed("b", Ok(Verdict::Reject(reject.clone()))),
+                fixed("c", Ok(Verdict::Accept)),
             ],
             OnError::TempFail,
             Stage::Mail,
         )
         .await;
-        assert_eq!(
-            d,
-            Decision {
-                action: Action::Reject(reject),
-                check: Some("b"),
-                score: 1.5
-            }
-        );
+        assert_eq!(d.action, Action::Reject(reject));
+        assert_eq!((d.check, d.score), (Some("b"), 1.5));
 
+        let d = run(vec![fixed("e", Err(()))], OnError::TempFail, Stage::Mail).await;
+        assert!(matches!(d.action, Action::TempFail(ref r) if r.reply.code == 451));
+        let d = run(vec![fixed("e", Err(()))], OnError::Pass, Stage::Mail).await;
+        assert_eq!(d.action, Action::Continue);
+        // A check is not asked at stages it did not register for.
+        let d = run(vec![fixed("e", Err(()))], OnError::TempFail, Stage::Rcpt).await;
+        assert_eq!(d.action, Action::Continue);
+    }
+
+    #[tokio::test]
+    async fn local_checks_decide_before_io_and_io_combines_in_order() {
+        let first = refusal(Category::Dnsbl);
+        let second = refusal(Category::Ptr);
+        // The local accept wins although the I/O check is configured first.
         let d = run(
-            vec![Arc::new(Fixed("e", Err(())))],
+            vec![
+                io("dnsbl", Ok(Verdict::Reject(first.clone()))),
+                fixed("lists", Ok(Verdict::Accept)),
+            ],
             OnError::TempFail,
             Stage::Mail,
         )
         .await;
-        assert!(matches!(d.action, Action::TempFail(ref r) if r.reply.code == 451));
-        let d = run(vec![Arc::new(Fixed("e", Err(())))], OnError::Pass, Stage::Mail).await;
-        assert_eq!(d.action, Action::Continue);
-        // A check is not asked at stages it did not register for.
+        assert_eq!((d.action, d.check), (Action::Accept, Some("lists")));
+        assert!(d.exempt.all);
         let d = run(
-            vec![Arc::new(Fixed("e", Err(())))],
+            vec![
+                io("dnsbl", Ok(Verdict::Reject(first.clone()))),
+                io("ptr", Ok(Verdict::Reject(second))),
+            ],
             OnError::TempFail,
-            Stage::Rcpt,
+            Stage::Mail,
+        )
+        .await;
+        assert_eq!((d.action, d.check), (Action::Reject(first), Some("dnsbl")));
+    }
+
+    #[tokio::test]
+    async fn exemptions_monitor_and_score_limit() {
+        let grey = refusal(Category::Greylisted);
+        let exempt: Arc<[String]> = Arc::from(vec!["greylist".to_string()]);
+        let d = run(
+            vec![
+                fixed("lists", Ok(Verdict::Exempt(exempt))),
+                fixed("greylist", Ok(Verdict::Reject(grey.clone()))),
+            ],
+            OnError::TempFail,
+            Stage::Mail,
+        )
+        .await;
+        // The exemption is returned; a check exempted earlier in the session is skipped.
+        assert_eq!(d.exempt.checks, vec!["greylist"]);
+        let covered = Exemptions {
+            all: false,
+            checks: vec!["greylist".into()],
+        };
+        let p = Pipeline::new(
+            vec![fixed("greylist", Ok(Verdict::Reject(grey.clone())))],
+            OnError::TempFail,
+        );
+        assert_eq!(run_with(p, Stage::Mail, &covered).await.action, Action::Continue);
+
+        let d = run(
+            vec![fixed("new_rule", Ok(Verdict::Monitor(grey)))],
+            OnError::TempFail,
+            Stage::Mail,
         )
         .await;
         assert_eq!(d.action, Action::Continue);
+
+        let score = |n| {
+            Ok(Verdict::Score {
+                points: n,
+                refusal: refusal(Category::Dnsbl),
+            })
+        };
+        let p = Pipeline::new(
+            vec![fixed("a", score(3.0)), fixed("b", score(2.5))],
+            OnError::TempFail,
+        )
+        .with_score_limit(Some(5.0));
+        let d = run_with(p, Stage::Mail, &Exemptions::default()).await;
+        assert!(
+            matches!(d.action, Action::Reject(ref r) if r.reply.lines[0].contains("score 5.5 of 5.0")),
+            "{d:?}"
+        );
+        assert_eq!(d.check, Some("a"));
+    }
+
+    #[test]
+    fn actions() {
+        assert_eq!(CheckAction::parse("score:2.5"), Ok(CheckAction::Score(2.5)));
+        assert_eq!(CheckAction::parse("monitor"), Ok(CheckAction::Monitor));
+        assert!(CheckAction::parse("score:x").is_err());
+        assert!(CheckAction::parse("drop").is_err());
+        let v = CheckAction::TempFail.verdict(refusal(Category::Ptr));
+        assert!(matches!(v, Verdict::TempFail(ref r) if r.reply.to_bytes() == b"450 4.7.1 no\r\n"));
     }
 }

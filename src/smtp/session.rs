@@ -19,7 +19,7 @@ use super::codec::{
 use super::relay::{ClientIdentity, RelayError, UpstreamConn};
 use crate::app::{Phase, Snapshot};
 use crate::config::{AuthPolicy, BareLineEndPolicy};
-use crate::policy::{Action, Category, Context, Refusal, SessionInfo, Stage};
+use crate::policy::{Action, Category, Context, Exemptions, Refusal, SessionFacts, SessionInfo, Stage};
 use crate::stream::MaybeTls;
 use crate::upstream::{Capabilities, Upstream};
 
@@ -75,7 +75,11 @@ struct Transaction {
     smtputf8: bool,
     declared_size: Option<u64>,
     /// Recipients the client was told `250` for, with their parameters.
-    rcpts: Vec<(Address, Vec<Param>)>,
+    rcpts: Vec<Address>,
+    /// The parameters of each of `rcpts`, for replaying the envelope upstream.
+    rcpt_params: Vec<Vec<Param>>,
+    /// Whitelist exemptions for this transaction (session ones included).
+    exempt: Exemptions,
     /// The upstream every recipient of this transaction goes to.
     route: Option<Arc<Upstream>>,
     /// The upstream accepted a recipient that thassp then refused to the client: the
@@ -101,6 +105,10 @@ pub struct Session<S> {
     tx: Option<Transaction>,
     upstream: Option<UpstreamConn>,
     errors: u32,
+    /// Shared facts (PTR) computed once for all checks.
+    facts: SessionFacts,
+    /// Whitelist exemptions granted at connect/HELO, for the whole session.
+    session_exempt: Exemptions,
     seen_command: bool,
     /// Discarding the rest of an over-long command line.
     discarding: bool,
@@ -127,6 +135,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tx: None,
             upstream: None,
             errors: 0,
+            facts: SessionFacts::default(),
+            session_exempt: Exemptions::default(),
             seen_command: false,
             discarding: false,
             summary: SessionSummary {
@@ -196,8 +206,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let decision = self
             .snap
             .pipeline
-            .run(&self.context(Stage::Connect, None, None))
+            .run(&self.context(Stage::Connect, None, None, &self.session_exempt))
             .await;
+        self.session_exempt.add(&decision.exempt);
         if let Some(refusal) = refusal_of(&decision.action) {
             self.summary.outcome = refusal.category;
             self.summary.check = decision.check;
@@ -605,15 +616,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         stage: Stage,
         rcpt: Option<&'a Address>,
         message: Option<&'a [u8]>,
+        exempt: &'a Exemptions,
     ) -> Context<'a> {
         Context {
             stage,
             session: &self.info,
             sender: self.tx.as_ref().map(|t| &t.from),
             recipient: rcpt,
-            recipients: &[],
+            recipients: self.tx.as_ref().map_or(&[], |t| t.rcpts.as_slice()),
             message,
+            facts: &self.facts,
+            exempt,
         }
+    }
+
+    /// The exemptions in force for the current transaction (or the session).
+    fn tx_exempt(&self) -> &Exemptions {
+        self.tx.as_ref().map_or(&self.session_exempt, |t| &t.exempt)
     }
 
     async fn handle_helo(&mut self, name: String, esmtp: bool) -> Result<(), Stop> {
@@ -623,8 +642,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let decision = self
             .snap
             .pipeline
-            .run(&self.context(Stage::Helo, None, None))
+            .run(&self.context(Stage::Helo, None, None, &self.session_exempt))
             .await;
+        self.session_exempt.add(&decision.exempt);
         if let Some(refusal) = refusal_of(&decision.action) {
             self.info.helo = None;
             self.summary.outcome = refusal.category;
@@ -752,6 +772,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             smtputf8,
             declared_size,
             rcpts: Vec::new(),
+            rcpt_params: Vec::new(),
+            exempt: self.session_exempt.clone(),
             route: None,
             upstream_dirty: false,
             failed: None,
@@ -760,8 +782,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let decision = self
             .snap
             .pipeline
-            .run(&self.context(Stage::Mail, None, None))
+            .run(&self.context(Stage::Mail, None, None, self.tx_exempt()))
             .await;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.exempt.add(&decision.exempt);
+        }
         if let Some(refusal) = refusal_of(&decision.action) {
             let refusal = refusal.clone();
             self.end_transaction(Some((refusal.category, decision.check)));
@@ -919,8 +944,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let decision = self
             .snap
             .pipeline
-            .run(&self.context(Stage::Rcpt, Some(&to), None))
+            .run(&self.context(Stage::Rcpt, Some(&to), None, self.tx_exempt()))
             .await;
+        // A recipient's whitelisting (e.g. from greylisting) applies to that recipient only.
+        let mut rcpt_exempt = self.tx_exempt().clone();
+        rcpt_exempt.add(&decision.exempt);
         if let Some(refusal) = refusal_of(&decision.action) {
             let refusal = refusal.clone();
             self.note_refusal(refusal.category, decision.check);
@@ -992,7 +1020,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let decision = self
             .snap
             .pipeline
-            .run(&self.context(Stage::RcptAccepted, Some(&to), None))
+            .run(&self.context(Stage::RcptAccepted, Some(&to), None, &rcpt_exempt))
             .await;
         if let Some(refusal) = refusal_of(&decision.action) {
             let refusal = refusal.clone();
@@ -1003,7 +1031,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error_reply(&refusal.reply);
         }
         if let Some(tx) = self.tx.as_mut() {
-            tx.rcpts.push((to, params));
+            tx.rcpts.push(to);
+            tx.rcpt_params.push(params);
         }
         self.reply(&reply.with_default_enhanced((1, 5)));
         Ok(())
@@ -1088,7 +1117,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let decision = self
             .snap
             .pipeline
-            .run(&self.context(Stage::Data, None, Some(&message)))
+            .run(&self.context(Stage::Data, None, Some(&message), self.tx_exempt()))
             .await;
         if let Some(refusal) = refusal_of(&decision.action) {
             let refusal = refusal.clone();
@@ -1112,7 +1141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     t.from.to_string(),
                     t.rcpts
                         .iter()
-                        .map(|(a, _)| a.to_string())
+                        .map(Address::to_string)
                         .collect::<Vec<_>>()
                         .join(","),
                 )
@@ -1235,8 +1264,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "Upstream mail server refused the sender on retry, try again later",
             ));
         }
-        let rcpts = self.tx.as_ref().map(|t| t.rcpts.clone()).unwrap_or_default();
-        for (to, params) in &rcpts {
+        let rcpts = self
+            .tx
+            .as_ref()
+            .map(|t| (t.rcpts.clone(), t.rcpt_params.clone()))
+            .unwrap_or_default();
+        for (to, params) in rcpts.0.iter().zip(&rcpts.1) {
             let r = self.upstream_rcpt(to, params).await?;
             if !r.is_positive() {
                 warn!(session = %self.info.id, rcpt = %to, reply = %r, "Upstream refused a recipient on replay.");
@@ -1293,7 +1326,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             None => String::new(),
         };
         let for_clause = match tx.map(|t| t.rcpts.as_slice()) {
-            Some([(only, _)]) => format!("\r\n\tfor {only}"),
+            Some([only]) => format!("\r\n\tfor {only}"),
             _ => String::new(),
         };
         format!(
