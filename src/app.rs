@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -23,6 +24,25 @@ pub enum Phase {
     Deadline,
 }
 
+/// Process-wide event counters, kept across reloads (the metrics endpoint will export them).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sessions: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub proxy_protocol_refused: AtomicU64,
+}
+
+impl Counters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
 /// Everything a session needs, immutable; a reload builds a new one.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -33,6 +53,7 @@ pub struct Snapshot {
     pub pipeline: Pipeline,
     /// TLS server configuration per `listener.address`, for listeners with TLS.
     pub listener_tls: HashMap<String, Arc<rustls::ServerConfig>>,
+    pub counters: Arc<Counters>,
 }
 
 impl Snapshot {
@@ -79,6 +100,7 @@ impl Snapshot {
             routes,
             pipeline: Pipeline::new(checks, OnError::TempFail),
             listener_tls,
+            counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
         })
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::app::{App, Phase};
+use crate::app::{App, Counters, Phase};
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::policy::SessionInfo;
 use crate::proxy_protocol;
@@ -215,7 +215,10 @@ impl Acceptor {
                 async move {
                     let _permit = permit;
                     let connection = async move {
-                        let Some((stream, info)) = accept_proxy(stream, info, listener.as_ref()).await else {
+                        Counters::bump(&snap.counters.sessions);
+                        let Some((stream, info)) =
+                            accept_proxy(stream, info, listener.as_ref(), &snap.counters).await
+                        else {
                             return;
                         };
                         Session::new(stream, snap, info, policy, phase).run().await;
@@ -237,12 +240,14 @@ async fn accept_proxy(
     mut stream: TcpStream,
     mut info: SessionInfo,
     listener: Option<&ListenerConfig>,
+    counters: &Counters,
 ) -> Option<(Prefixed<TcpStream>, SessionInfo)> {
     let Some(l) = listener.filter(|l| l.proxy_protocol) else {
         return Some((Prefixed::new(Bytes::new(), stream), info));
     };
     let balancer = info.peer;
     if !l.proxy_trusted.iter().any(|net| net.contains(&balancer.ip())) {
+        Counters::bump(&counters.proxy_protocol_refused);
         warn!(peer = %balancer, listener = %l.address, "PROXY protocol listener: connection from a source not in proxy_trusted; closed.");
         return None;
     }
@@ -253,6 +258,7 @@ async fn accept_proxy(
             Ok(Some(done)) => break done,
             Ok(None) => {}
             Err(e) => {
+                Counters::bump(&counters.proxy_protocol_refused);
                 warn!(peer = %balancer, error = %e, "Bad PROXY protocol header; connection closed.");
                 return None;
             }

@@ -351,7 +351,6 @@ async fn smuggling_is_contained_when_normalising() {
 async fn split_input_one_byte_at_a_time() {
     let (running, sink) = proxy().await;
     let mut c = Client::connect(running.smtp_addrs[0]).await;
-    c.stream.set_nodelay(true).unwrap();
     let session = [
         b"EHLO client.example.net\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
             .as_slice(),

@@ -17,7 +17,7 @@ use super::codec::{
     LineStatus, Param, Reply,
 };
 use super::relay::{ClientIdentity, RelayError, UpstreamConn};
-use crate::app::{Phase, Snapshot};
+use crate::app::{Counters, Phase, Snapshot};
 use crate::config::{AuthPolicy, BareLineEndPolicy};
 use crate::policy::{Action, Category, Context, Exemptions, Refusal, SessionFacts, SessionInfo, Stage};
 use crate::stream::MaybeTls;
@@ -429,11 +429,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Ok(Err(e)) => {
                 self.summary.tls_failed = true;
+                Counters::bump(&self.snap.counters.tls_handshake_failures);
                 warn!(session = %self.info.id, client = %self.info.peer.ip(), error = %e, "TLS handshake with the client failed.");
                 Err(Stop::ClientGone)
             }
             Err(_) => {
                 self.summary.tls_failed = true;
+                Counters::bump(&self.snap.counters.tls_handshake_failures);
                 warn!(session = %self.info.id, client = %self.info.peer.ip(), "TLS handshake with the client timed out.");
                 Err(Stop::ClientGone)
             }
@@ -594,6 +596,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if reply.is_permanent() && reply.code != 501 {
             self.summary.auth_failures += 1;
+            Counters::bump(&self.snap.counters.auth_failures);
             warn!(session = %self.info.id, client = %self.info.peer.ip(), user = user.as_deref().unwrap_or(""), mechanism = %mechanism, reply = %reply, "Authentication failed.");
         }
         self.error_reply(&reply.with_default_enhanced((7, 8)))

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use thassp::app::App;
@@ -43,6 +43,14 @@ pub struct Behaviour {
     pub final_reply: Final,
     /// Refuse connections (close at once).
     pub refuse: bool,
+    /// Offer STARTTLS with this server configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Offer AUTH PLAIN LOGIN and accept these user/password pairs.
+    pub auth_users: Vec<(String, String)>,
+    /// Offer XCLIENT (as Postfix does to authorised clients).
+    pub xclient: bool,
+    /// Offer XFORWARD.
+    pub xforward: bool,
 }
 
 impl Default for Behaviour {
@@ -67,6 +75,10 @@ impl Default for Behaviour {
             drop_after_data_bytes: None,
             final_reply: Final::Accept,
             refuse: false,
+            tls: None,
+            auth_users: Vec::new(),
+            xclient: false,
+            xforward: false,
         }
     }
 }
@@ -91,6 +103,12 @@ pub struct SinkState {
     /// Raw bytes of each connection.
     pub transcripts: Vec<Vec<u8>>,
     pub connections: usize,
+    /// Connections upgraded with STARTTLS.
+    pub tls_sessions: usize,
+    /// Users that authenticated successfully.
+    pub authenticated: Vec<String>,
+    /// XCLIENT and XFORWARD command lines received.
+    pub forwarded: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -140,7 +158,7 @@ impl Sink {
     }
 }
 
-async fn sink_session(mut stream: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()> {
+async fn sink_session(stream: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()> {
     let idx = {
         let mut s = st.lock().unwrap();
         s.connections += 1;
@@ -151,39 +169,162 @@ async fn sink_session(mut stream: TcpStream, st: Arc<Mutex<SinkState>>) -> std::
     if b.refuse {
         return Ok(());
     }
-    stream.write_all(format!("{}\r\n", b.greeting).as_bytes()).await?;
+    if let Some(stream) = sink_conn(stream, &st, idx, true, false).await? {
+        let Some(config) = b.tls.clone() else {
+            return Ok(());
+        };
+        let tls = tokio_rustls::TlsAcceptor::from(config).accept(stream).await?;
+        st.lock().unwrap().tls_sessions += 1;
+        sink_conn(tls, &st, idx, false, true).await?;
+    }
+    Ok(())
+}
+
+/// Reads one CRLF line, recording the raw bytes; `None` at EOF.
+async fn sink_line<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    st: &Mutex<SinkState>,
+    idx: usize,
+) -> std::io::Result<Option<String>> {
+    loop {
+        if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..p]).into_owned();
+            buf.drain(..p + 2);
+            return Ok(Some(line));
+        }
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        st.lock().unwrap().transcripts[idx].extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn unb64(s: &str) -> String {
+    use base64::Engine as _;
+    String::from_utf8_lossy(
+        &base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .unwrap_or_default(),
+    )
+    .into_owned()
+}
+
+/// One sink session over a plain or TLS stream. Returns the stream when the client asked
+/// for STARTTLS (the caller runs the handshake and calls again).
+async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    st: &Mutex<SinkState>,
+    idx: usize,
+    greet: bool,
+    tls_active: bool,
+) -> std::io::Result<Option<S>> {
+    let b = st.lock().unwrap().behaviour.clone();
+    if greet {
+        stream.write_all(format!("{}\r\n", b.greeting).as_bytes()).await?;
+    }
     let mut buf: Vec<u8> = Vec::new();
     let mut from = String::new();
     let mut rcpts = Vec::new();
     loop {
-        // One command line.
-        let line = loop {
-            if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8_lossy(&buf[..p]).into_owned();
-                buf.drain(..p + 2);
-                break line;
-            }
-            let mut chunk = [0u8; 65536];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            st.lock().unwrap().transcripts[idx].extend_from_slice(&chunk[..n]);
-            buf.extend_from_slice(&chunk[..n]);
+        let Some(line) = sink_line(&mut stream, &mut buf, st, idx).await? else {
+            return Ok(None);
         };
         st.lock().unwrap().commands.push(line.clone());
         let b = st.lock().unwrap().behaviour.clone();
         let upper = line.to_ascii_uppercase();
         let reply = if upper.starts_with("EHLO") {
+            let mut keywords = b.ehlo_keywords.clone();
+            if b.tls.is_some() && !tls_active {
+                keywords.push("STARTTLS".into());
+            }
+            if !b.auth_users.is_empty() {
+                keywords.push("AUTH PLAIN LOGIN".into());
+            }
+            if b.xclient {
+                keywords.push("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT".into());
+            }
+            if b.xforward {
+                keywords.push("XFORWARD NAME ADDR PROTO HELO SOURCE".into());
+            }
             let mut r = String::from("250-sink.test\r\n");
-            for (i, k) in b.ehlo_keywords.iter().enumerate() {
-                let sep = if i + 1 == b.ehlo_keywords.len() { ' ' } else { '-' };
+            for (i, k) in keywords.iter().enumerate() {
+                let sep = if i + 1 == keywords.len() { ' ' } else { '-' };
                 r.push_str(&format!("250{sep}{k}\r\n"));
             }
-            if b.ehlo_keywords.is_empty() {
+            if keywords.is_empty() {
                 r = "250 sink.test\r\n".into();
             }
             r
+        } else if upper == "STARTTLS" && b.tls.is_some() && !tls_active {
+            stream.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
+            return Ok(Some(stream));
+        } else if upper.starts_with("XCLIENT ") && b.xclient {
+            st.lock().unwrap().forwarded.push(line.clone());
+            "220 sink.test ESMTP\r\n".into()
+        } else if upper.starts_with("XFORWARD ") && b.xforward {
+            st.lock().unwrap().forwarded.push(line.clone());
+            "250 2.0.0 Ok\r\n".into()
+        } else if upper.starts_with("AUTH ") && !b.auth_users.is_empty() {
+            let mut words = line.split_whitespace().skip(1);
+            let mech = words.next().unwrap_or("").to_ascii_uppercase();
+            let initial = words.next().map(str::to_string);
+            let ask =
+                async |stream: &mut S, buf: &mut Vec<u8>, prompt: &str| -> std::io::Result<Option<String>> {
+                    stream.write_all(format!("334 {prompt}\r\n").as_bytes()).await?;
+                    sink_line(stream, buf, st, idx).await
+                };
+            let creds = match mech.as_str() {
+                "PLAIN" => {
+                    let resp = match initial {
+                        Some(i) => Some(i),
+                        None => ask(&mut stream, &mut buf, "").await?,
+                    };
+                    resp.filter(|r| r != "*").map(|r| {
+                        let d = unb64(&r);
+                        let mut parts = d.split('\0').skip(1);
+                        (
+                            parts.next().unwrap_or("").to_string(),
+                            parts.next().unwrap_or("").to_string(),
+                        )
+                    })
+                }
+                "LOGIN" => {
+                    let user = match initial {
+                        Some(i) => Some(i),
+                        None => ask(&mut stream, &mut buf, &b64("Username:")).await?,
+                    };
+                    match user.filter(|u| u != "*") {
+                        Some(u) => ask(&mut stream, &mut buf, &b64("Password:"))
+                            .await?
+                            .filter(|p| p != "*")
+                            .map(|p| (unb64(&u), unb64(&p))),
+                        None => None,
+                    }
+                }
+                _ => {
+                    stream
+                        .write_all(b"504 5.5.4 Unrecognized authentication type\r\n")
+                        .await?;
+                    continue;
+                }
+            };
+            match creds {
+                None => "501 5.7.0 Authentication aborted\r\n".into(),
+                Some((u, p)) if b.auth_users.iter().any(|(uu, pp)| *uu == u && *pp == p) => {
+                    st.lock().unwrap().authenticated.push(u);
+                    "235 2.7.0 Authentication successful\r\n".into()
+                }
+                Some(_) => "535 5.7.8 Error: authentication failed\r\n".into(),
+            }
         } else if upper.starts_with("HELO") {
             "250 sink.test\r\n".into()
         } else if upper.starts_with("MAIL FROM:") {
@@ -217,11 +358,11 @@ async fn sink_session(mut stream: TcpStream, st: Arc<Mutex<SinkState>>) -> std::
                 let mut chunk = [0u8; 65536];
                 let n = stream.read(&mut chunk).await?;
                 if n == 0 {
-                    return Ok(());
+                    return Ok(None);
                 }
                 received += n;
                 if b.drop_after_data_bytes.is_some_and(|limit| received >= limit) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 st.lock().unwrap().transcripts[idx].extend_from_slice(&chunk[..n]);
                 buf.extend_from_slice(&chunk[..n]);
@@ -248,12 +389,12 @@ async fn sink_session(mut stream: TcpStream, st: Arc<Mutex<SinkState>>) -> std::
                 }
                 Final::Drop => {
                     st.lock().unwrap().deliveries.push(delivery);
-                    return Ok(());
+                    return Ok(None);
                 }
                 Final::Stall => {
                     st.lock().unwrap().deliveries.push(delivery);
                     tokio::time::sleep(Duration::from_secs(3600)).await;
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         } else if upper == "RSET" {
@@ -261,7 +402,7 @@ async fn sink_session(mut stream: TcpStream, st: Arc<Mutex<SinkState>>) -> std::
             "250 2.0.0 Ok\r\n".into()
         } else if upper == "QUIT" {
             stream.write_all(b"221 2.0.0 Bye\r\n").await?;
-            return Ok(());
+            return Ok(None);
         } else if upper == "NOOP" {
             "250 2.0.0 Ok\r\n".into()
         } else {
@@ -271,9 +412,13 @@ async fn sink_session(mut stream: TcpStream, st: Arc<Mutex<SinkState>>) -> std::
     }
 }
 
+/// Any byte stream a test client talks over (plain TCP or TLS).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// A raw SMTP client.
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Io>,
     buf: Vec<u8>,
 }
 
@@ -283,8 +428,35 @@ impl Client {
             .await
             .unwrap()
             .unwrap();
+        stream.set_nodelay(true).unwrap();
         Self {
-            stream,
+            stream: Box::new(stream),
+            buf: Vec::new(),
+        }
+    }
+
+    /// A client over an already connected stream (e.g. after writing a PROXY header).
+    pub fn over(stream: impl Io + 'static) -> Self {
+        Self {
+            stream: Box::new(stream),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Runs a TLS handshake on the current stream (after `220` to STARTTLS, or at once for
+    /// implicit TLS).
+    pub async fn tls(self, config: Arc<rustls::ClientConfig>) -> Self {
+        assert!(self.buf.is_empty(), "unread bytes before the TLS handshake");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(
+            WAIT,
+            tokio_rustls::TlsConnector::from(config).connect(name, self.stream),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        Self {
+            stream: Box::new(tls),
             buf: Vec::new(),
         }
     }
@@ -329,6 +501,7 @@ impl Client {
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         self.stream.write_all(bytes.as_ref()).await.unwrap();
+        self.stream.flush().await.unwrap();
     }
 
     /// Sends one command (CRLF added) and returns the reply.
@@ -434,5 +607,67 @@ pub fn strip_received(data: &[u8]) -> Vec<u8> {
             return data[p + 2..].to_vec();
         }
         i = p + 2;
+    }
+}
+
+/// Test certificates: a CA and a leaf for `localhost` / 127.0.0.1 signed by it, as files
+/// (for thassp's config) and as rustls configurations (for test peers).
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca_file: std::path::PathBuf,
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    pub leaf_der: rustls::pki_types::CertificateDer<'static>,
+    pub server: Arc<rustls::ServerConfig>,
+    /// Trusts the test CA.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+pub fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    };
+    thassp::tls::install_default_provider();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "thassp test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    let cert_file = dir.path().join("cert.pem");
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    let server = thassp::tls::server_config(&cert_file, &key_file).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let client = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    Pki {
+        leaf_der: leaf.der().clone(),
+        dir,
+        ca_file,
+        cert_file,
+        key_file,
+        server,
+        client,
     }
 }
