@@ -40,7 +40,8 @@ enum Cmd {
         #[arg(short, long, env = "THASSP_CONFIG")]
         config: PathBuf,
     },
-    /// Parse and validate a configuration file; exit 0 when it is usable, 1 otherwise.
+    /// Parse and validate a configuration file and load the files it names; exit 0 when it
+    /// is usable, 1 otherwise.
     CheckConfig {
         /// Configuration file (TOML).
         config: PathBuf,
@@ -64,7 +65,14 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::CheckConfig { config } => match Config::load(&config) {
+        // Parse, validate, and build everything the file names (certificates, CA files, list
+        // files), exactly as `run` and a reload would.
+        Cmd::CheckConfig { config } => match Config::load(&config).and_then(|c| {
+            App::new(c).map_err(|mut e| {
+                e.source_name = config.display().to_string();
+                e
+            })
+        }) {
             Ok(_) => {
                 println!("{}: configuration is valid", config.display());
                 ExitCode::SUCCESS

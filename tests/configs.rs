@@ -37,8 +37,9 @@ fn every_shipped_config_is_valid() {
         "expected the example and quick-start configs, found {files:?}"
     );
     for f in files {
-        if let Err(e) = Config::load(&f) {
-            panic!("{e}");
+        // Parsed, validated and built, as `thassp check-config` does.
+        if let Err(e) = Config::load(&f).and_then(thassp::app::App::new) {
+            panic!("{}: {e}", f.display());
         }
     }
 }
