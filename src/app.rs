@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
 use crate::policy::relay_control::RelayControl;
-use crate::policy::{Check, OnError, Pipeline};
+use crate::policy::{Check, Pipeline};
 use crate::upstream::Routes;
 
 /// Where the process is in its life; sessions watch it to finish cleanly.
@@ -54,6 +54,8 @@ pub struct Snapshot {
     /// TLS server configuration per `listener.address`, for listeners with TLS.
     pub listener_tls: HashMap<String, Arc<rustls::ServerConfig>>,
     pub counters: Arc<Counters>,
+    /// Per-client connection accounting, kept across reloads.
+    pub limiter: Arc<crate::limits::ConnectionLimiter>,
 }
 
 impl Snapshot {
@@ -94,13 +96,16 @@ impl Snapshot {
         };
         let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(RelayControl::new(routes.clone()))];
         checks.extend(extra_checks.iter().cloned());
+        let pipeline = Pipeline::new(checks, config.policy.on_error)
+            .with_score_limit(Some(config.policy.score_limit).filter(|l| *l > 0.0));
         Ok(Self {
             hostname: config.hostname(),
             config: Arc::new(config),
             routes,
-            pipeline: Pipeline::new(checks, OnError::TempFail),
+            pipeline,
             listener_tls,
             counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
+            limiter: previous.map(|p| p.limiter.clone()).unwrap_or_default(),
         })
     }
 }

@@ -28,6 +28,69 @@ pub struct Config {
     /// The development upstream: for trying thassp out without an MTA. Never for production.
     #[serde(default)]
     pub devsink: DevsinkConfig,
+    /// How check verdicts combine.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Each check's settings, `[checks.NAME]`.
+    #[serde(default)]
+    pub checks: ChecksConfig,
+}
+
+/// `[policy]`: how the checks' verdicts combine.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// What a check that cannot decide (DNS timeout, store error) means: `tempfail`
+    /// (default: `451 4.3.0`, the sender retries; no mail is refused for our failure) or
+    /// `pass`.
+    pub on_error: crate::policy::OnError,
+    /// A stage whose `score:N` verdicts add up to this is refused (with the reply of the
+    /// check that scored most). 0 = scores never refuse. Default 5.
+    pub score_limit: f32,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            on_error: crate::policy::OnError::TempFail,
+            score_limit: 5.0,
+        }
+    }
+}
+
+/// `[checks]`: one section per check.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    pub limits: crate::limits::LimitsConfig,
+    pub pregreet: PregreetConfig,
+}
+
+/// `[checks.pregreet]`: early talkers. Before the banner thassp sends a `220-` line and
+/// waits; a client that speaks before the final `220 ` line is not a patient MTA (postscreen's
+/// pregreet test). In sessions without PIPELINING (HELO, or before EHLO), a client that sends
+/// a command before the previous reply fails it too.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PregreetConfig {
+    /// Default false: every connection then waits `wait` for its banner.
+    pub enabled: bool,
+    /// Time between the `220-` teaser and the banner. Default "6s" (as postscreen).
+    #[serde(with = "duration")]
+    pub wait: Duration,
+    /// What an early talker gets: `reject` (default: `554 5.5.1` and close), `tempfail`,
+    /// `score:N` or `monitor`.
+    pub action: crate::policy::CheckAction,
+}
+
+impl Default for PregreetConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            wait: Duration::from_secs(6),
+            action: crate::policy::CheckAction::Reject,
+        }
+    }
 }
 
 /// `[server]`: process-wide settings.
@@ -371,6 +434,7 @@ impl Config {
     /// Every error, each with its key; empty when the configuration is usable.
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
+        let mut errors_extra = Vec::new();
         let mut e = |key: String, msg: String| errors.push(format!("{key}: {msg}"));
 
         if let Some(h) = &self.server.hostname
@@ -572,6 +636,23 @@ impl Config {
             }
         }
 
+        if !(0.0..=1e6).contains(&self.policy.score_limit) || self.policy.score_limit.is_nan() {
+            e(
+                "policy.score_limit".into(),
+                "must be between 0 and 1000000".into(),
+            );
+        }
+        for msg in self.checks.limits.validate("checks.limits") {
+            errors_extra.push(msg);
+        }
+        if self.checks.pregreet.enabled
+            && (self.checks.pregreet.wait.is_zero() || self.checks.pregreet.wait > Duration::from_secs(60))
+        {
+            e(
+                "checks.pregreet.wait".into(),
+                "must be between 1ms and 60s".into(),
+            );
+        }
         if self.devsink.enabled {
             match self.devsink.address.parse::<SocketAddr>() {
                 Ok(a) if a.ip().is_loopback() => {}
@@ -585,6 +666,7 @@ impl Config {
                 ),
             }
         }
+        errors.extend(errors_extra);
         errors
     }
 }

@@ -13,6 +13,7 @@
 //! - [`smtp::relay`]: the client towards the upstream MTA (lockstep).
 //! - [`upstream`]: upstream MTAs, their probed capabilities, and domain routing.
 //! - [`policy`]: stages, verdicts, the `Check` trait and the pipeline; one file per check.
+//! - [`limits`]: per-client connection accounting (concurrency, rate), sharded.
 //! - [`devsink`]: a development upstream that stores mail as files (trying out, tests).
 //! - [`tls`]: rustls server configs per listener and client configs per upstream.
 //! - [`stream`]: the byte streams sessions run over (STARTTLS upgrade, PROXY leftovers).
@@ -28,6 +29,7 @@
 pub mod app;
 pub mod config;
 pub mod devsink;
+pub mod limits;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod server;

@@ -2,6 +2,9 @@
 //! the `Pipeline` that runs a stage's checks in order and turns verdicts into one decision.
 //! Checks only look at the `Context`; they never write to the client or the upstream.
 
+pub mod dnsbl;
+pub mod lists;
+pub mod ptr;
 pub mod relay_control;
 
 use std::fmt;
@@ -310,9 +313,11 @@ pub trait Check: Send + Sync {
 }
 
 /// What a failing check means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnError {
     /// `451 4.3.0`: the sender retries later (default: never lose mail to a DNS hiccup).
+    #[default]
     TempFail,
     /// Treat as passed.
     Pass,

@@ -19,7 +19,10 @@ use super::codec::{
 use super::relay::{ClientIdentity, RelayError, UpstreamConn};
 use crate::app::{Counters, Phase, Snapshot};
 use crate::config::{AuthPolicy, BareLineEndPolicy};
-use crate::policy::{Action, Category, Context, Exemptions, Refusal, SessionFacts, SessionInfo, Stage};
+use crate::limits::{Admission, Refused};
+use crate::policy::{
+    Action, Category, Context, Exemptions, Refusal, SessionFacts, SessionInfo, Stage, Verdict,
+};
 use crate::stream::MaybeTls;
 use crate::upstream::{Capabilities, Upstream};
 
@@ -109,6 +112,12 @@ pub struct Session<S> {
     facts: SessionFacts,
     /// Whitelist exemptions granted at connect/HELO, for the whole session.
     session_exempt: Exemptions,
+    /// This connection's slot in the per-client limits, released when the session ends.
+    admission: Option<Admission>,
+    /// Failed pregreet in monitor mode (later the reputation issue counts it).
+    pregreet_flagged: bool,
+    /// Recipients accepted over all transactions, for `checks.limits.max_recipients_per_session`.
+    rcpts_total: usize,
     seen_command: bool,
     /// Discarding the rest of an over-long command line.
     discarding: bool,
@@ -137,6 +146,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             errors: 0,
             facts: SessionFacts::default(),
             session_exempt: Exemptions::default(),
+            admission: None,
+            pregreet_flagged: false,
+            rcpts_total: 0,
             seen_command: false,
             discarding: false,
             summary: SessionSummary {
@@ -216,20 +228,95 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&reply);
             return Err(Stop::Closed);
         }
-        let banner = Reply::new(
-            220,
-            codec::Enhanced(2, 0, 0),
-            format!("{} ESMTP thassp", self.info.hostname),
-        );
+        let checks = &self.snap.config.checks;
+        if !self.session_exempt.covers("limits") {
+            match self.snap.limiter.admit(self.info.peer.ip(), &checks.limits) {
+                Ok(admission) => self.admission = Some(admission),
+                Err(refused) => {
+                    let text = match refused {
+                        Refused::Concurrency(n) => {
+                            format!(
+                                "{} Too many connections from your address (limit {n}), try again later",
+                                self.info.hostname
+                            )
+                        }
+                        Refused::Rate(n) => {
+                            format!(
+                                "{} Too many connections from your address in a short time (limit {n}), try again later",
+                                self.info.hostname
+                            )
+                        }
+                    };
+                    self.summary.outcome = Category::RateLimit;
+                    self.summary.check = Some("limits");
+                    self.reply(&Reply::build(421, "4.7.0", text));
+                    return Err(Stop::Closed);
+                }
+            }
+        }
+        let banner = format!("{} ESMTP thassp", self.info.hostname);
+        let pregreet = self.pregreet_active();
+        if pregreet {
+            // postscreen-style: a teaser line, then silence. A real MTA waits for the final
+            // `220 ` line; bots talk at once.
+            self.wbuf
+                .extend_from_slice(format!("220-{banner}\r\n").as_bytes());
+            let wait = self.snap.config.checks.pregreet.wait;
+            match self.fill(wait, true).await {
+                Err(Stop::Timeout) => {}
+                Ok(()) => self.early_talker("talked before the greeting")?,
+                Err(e) => return Err(e),
+            }
+        }
         // The greeting carries no enhanced code (RFC 2034 §3).
         self.reply(&Reply {
+            code: 220,
             enhanced: None,
-            ..banner
+            lines: vec![banner],
         });
         loop {
             let line = self.next_line().await?;
+            // Without PIPELINING (HELO session, or before EHLO) a client must wait for each
+            // reply; one that does not is a bot (postscreen's pipelining test).
+            if pregreet && !self.info.esmtp && !self.rbuf.is_empty() {
+                self.early_talker("sent commands without waiting for replies (no PIPELINING)")?;
+            }
             self.seen_command = true;
             self.handle_line(&line).await?;
+        }
+    }
+
+    fn pregreet_active(&self) -> bool {
+        self.snap.config.checks.pregreet.enabled
+            && !self.listener.implicit_tls
+            && !self.session_exempt.covers("pregreet")
+            && self.info.authenticated.is_none()
+    }
+
+    /// Applies `checks.pregreet.action` to a client that talked out of turn.
+    fn early_talker(&mut self, what: &str) -> Result<(), Stop> {
+        let action = self.snap.config.checks.pregreet.action;
+        let refusal = Refusal {
+            reply: Reply::build(554, "5.5.1", format!("Protocol error: client {what}")),
+            category: Category::Pregreet,
+        };
+        warn!(session = %self.info.id, client = %self.info.peer.ip(), action = %action, "Early talker: {what}.");
+        match action.verdict(refusal) {
+            Verdict::Reject(r) | Verdict::TempFail(r) => {
+                self.summary.outcome = r.category;
+                self.summary.check = Some("pregreet");
+                let mut reply = r.reply;
+                if reply.is_transient() {
+                    reply.code = 421;
+                }
+                self.rbuf.clear();
+                self.reply(&reply);
+                Err(Stop::Closed)
+            }
+            _ => {
+                self.pregreet_flagged = true;
+                Ok(())
+            }
         }
     }
 
@@ -918,6 +1005,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if tx.rcpts.len() >= self.snap.config.smtp.max_recipients {
             return self.error_reply(&Reply::build(452, "4.5.3", "Too many recipients"));
         }
+        let per_session = self.snap.config.checks.limits.max_recipients_per_session;
+        if per_session > 0 && self.rcpts_total >= per_session && !tx.exempt.covers("limits") {
+            self.note_refusal(Category::RateLimit, Some("limits"));
+            return self.error_reply(&Reply::build(
+                452,
+                "4.5.3",
+                "Too many recipients in this session, try again later",
+            ));
+        }
         let adv = self.advertised.clone().unwrap_or_default();
         for p in &params {
             let ok = match (p.key.as_str(), p.value.as_deref()) {
@@ -1035,6 +1131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if let Some(tx) = self.tx.as_mut() {
             tx.rcpts.push(to);
+            self.rcpts_total += 1;
             tx.rcpt_params.push(params);
         }
         self.reply(&reply.with_default_enhanced((1, 5)));
