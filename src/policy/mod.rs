@@ -2,9 +2,6 @@
 //! the `Pipeline` that runs a stage's checks in order and turns verdicts into one decision.
 //! Checks only look at the `Context`; they never write to the client or the upstream.
 
-pub mod dnsbl;
-pub mod lists;
-pub mod ptr;
 pub mod relay_control;
 
 use std::fmt;
@@ -229,6 +226,19 @@ impl Ptr {
 #[derive(Debug, Default)]
 pub struct SessionFacts {
     pub ptr: tokio::sync::OnceCell<Ptr>,
+    /// Headers checks want added to the relayed message of the current transaction
+    /// (`Received-SPF:`, `Authentication-Results:`), complete with CRLF line ends. The
+    /// session clears it at each MAIL.
+    pub headers: std::sync::Mutex<Vec<String>>,
+}
+
+impl SessionFacts {
+    /// Queues a header (one or more CRLF-terminated lines) for the relayed message.
+    pub fn add_header(&self, header: String) {
+        if let Ok(mut h) = self.headers.lock() {
+            h.push(header);
+        }
+    }
 }
 
 /// Checks a whitelist exempted the session or transaction from.

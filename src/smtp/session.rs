@@ -856,6 +856,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "Non-ASCII address requires the SMTPUTF8 parameter",
             ));
         }
+        if let Ok(mut h) = self.facts.headers.lock() {
+            h.clear();
+        }
         self.tx = Some(Transaction {
             from,
             params,
@@ -1228,6 +1231,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut wire = Vec::with_capacity(message.len() + 512);
         if self.snap.config.smtp.received_header {
             wire.extend_from_slice(self.received_header().as_bytes());
+        }
+        // Headers the checks asked for (Received-SPF, Authentication-Results); they start
+        // with a header name, so dot-stuffing cannot apply to them.
+        if let Ok(headers) = self.facts.headers.lock() {
+            for h in headers.iter() {
+                wire.extend_from_slice(h.as_bytes());
+            }
         }
         codec::stuff_into(&message, &mut wire);
         drop(message);
