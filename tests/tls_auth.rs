@@ -564,3 +564,78 @@ async fn certificates_are_reread_on_reload() {
     let _ = Arc::clone(&app);
     running.shutdown().await;
 }
+
+/// Refuses every client at connect, as a DNSBL hit would.
+struct RefuseAtConnect;
+impl thassp::policy::Check for RefuseAtConnect {
+    fn name(&self) -> &'static str {
+        "refuse_at_connect"
+    }
+    fn stages(&self) -> &'static [thassp::policy::Stage] {
+        &[thassp::policy::Stage::Connect]
+    }
+    fn check<'a>(
+        &'a self,
+        _: &'a thassp::policy::Context<'a>,
+    ) -> thassp::policy::BoxFuture<'a, Result<thassp::policy::Verdict, thassp::policy::CheckError>> {
+        Box::pin(async {
+            Ok(thassp::policy::Verdict::Reject(thassp::policy::Refusal {
+                reply: thassp::smtp::codec::Reply::build(554, "5.7.1", "Service unavailable; client listed"),
+                category: thassp::policy::Category::Dnsbl,
+            }))
+        })
+    }
+}
+
+#[tokio::test]
+async fn refusals_wait_until_mail_when_the_client_may_authenticate() {
+    let pki = common::pki();
+    let sink = Sink::start_with(Behaviour {
+        auth_users: vec![("alice".into(), "s3cret".into())],
+        ..Default::default()
+    })
+    .await;
+    let config = cfg(sink.addr, &tls_listener(&pki), "");
+    let app = thassp::app::App::with_checks(config.clone(), vec![Arc::new(RefuseAtConnect)]).unwrap();
+    let running = thassp::server::start(app).await.unwrap();
+    let addr = running.smtp_addrs[0];
+
+    // Not authenticated: the refusal comes at MAIL.
+    let mut c = Client::greeted(addr).await;
+    assert!(c.cmd("EHLO client.example.net").await.starts_with("250"));
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.net>").await,
+        "554 5.7.1 Service unavailable; client listed\r\n"
+    );
+
+    // Authenticated: the anti-spam verdict no longer applies.
+    let mut c = Client::greeted(addr).await;
+    c.cmd("EHLO client.example.net").await;
+    c.cmd("STARTTLS").await;
+    let mut c = c.tls(pki.client.clone()).await;
+    c.cmd("EHLO client.example.net").await;
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {}", plain("alice", "s3cret")))
+            .await
+            .starts_with("235")
+    );
+    let r = c
+        .send_mail("alice@example.net", &["friend@elsewhere.example"], &wire(MESSAGE))
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    running.shutdown().await;
+
+    // A listener that can never offer AUTH refuses at once.
+    let running = thassp::server::start(
+        thassp::app::App::with_checks(cfg(sink.addr, "", ""), vec![Arc::new(RefuseAtConnect)]).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut c = Client::connect(running.smtp_addrs[0]).await;
+    assert_eq!(
+        c.reply().await,
+        "554 5.7.1 Service unavailable; client listed\r\n"
+    );
+    assert!(c.closed().await);
+    running.shutdown().await;
+}

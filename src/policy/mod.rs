@@ -320,6 +320,10 @@ pub trait Check: Send + Sync {
     fn needs_io(&self) -> bool {
         false
     }
+    /// False for checks no whitelist may skip (relay control: promise 2).
+    fn exemptible(&self) -> bool {
+        true
+    }
 }
 
 /// What a failing check means.
@@ -423,7 +427,12 @@ impl Pipeline {
         let applicable: Vec<&Arc<dyn Check>> = self
             .checks
             .iter()
-            .filter(|c| c.stages().contains(&cx.stage) && !cx.exempt.covers(c.name()))
+            // Authenticated sessions skip the anti-spam checks (the upstream vouched for the
+            // user); non-exemptible checks such as relay control still run.
+            .filter(|c| {
+                c.stages().contains(&cx.stage)
+                    && !(c.exemptible() && (cx.exempt.covers(c.name()) || cx.session.authenticated.is_some()))
+            })
             .collect();
         let mut state = Combine {
             score: 0.0,
@@ -442,7 +451,7 @@ impl Pipeline {
         let io: Vec<&Arc<dyn Check>> = applicable
             .iter()
             .copied()
-            .filter(|c| c.needs_io() && !state.exempt.covers(c.name()))
+            .filter(|c| c.needs_io() && !(c.exemptible() && state.exempt.covers(c.name())))
             .collect();
         if !io.is_empty() {
             let results = futures_util::future::join_all(io.iter().map(|c| c.check(cx))).await;

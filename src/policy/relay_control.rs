@@ -39,6 +39,11 @@ impl Check for RelayControl {
         &[Stage::Rcpt]
     }
 
+    /// A whitelisted client is still not allowed to relay: only authentication is.
+    fn exemptible(&self) -> bool {
+        false
+    }
+
     fn check<'a>(&'a self, cx: &'a Context<'a>) -> BoxFuture<'a, Result<Verdict, CheckError>> {
         let verdict = match cx.recipient {
             // An authenticated client may send anywhere; the upstream decides.

@@ -118,6 +118,9 @@ pub struct Session<S> {
     pregreet_flagged: bool,
     /// Recipients accepted over all transactions, for `checks.limits.max_recipients_per_session`.
     rcpts_total: usize,
+    /// A connect- or HELO-stage refusal held until MAIL because the client may still
+    /// authenticate (then it no longer applies).
+    deferred: Option<(Refusal, Option<&'static str>)>,
     seen_command: bool,
     /// Discarding the rest of an over-long command line.
     discarding: bool,
@@ -149,6 +152,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             admission: None,
             pregreet_flagged: false,
             rcpts_total: 0,
+            deferred: None,
             seen_command: false,
             discarding: false,
             summary: SessionSummary {
@@ -222,11 +226,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await;
         self.session_exempt.add(&decision.exempt);
         if let Some(refusal) = refusal_of(&decision.action) {
-            self.summary.outcome = refusal.category;
-            self.summary.check = decision.check;
-            let reply = refusal.reply.clone();
-            self.reply(&reply);
-            return Err(Stop::Closed);
+            if self.auth_possible() {
+                // Postfix's smtpd_delay_reject: a client that may still authenticate gets
+                // its refusal at MAIL, so submission users are not turned away at connect.
+                self.deferred = Some((refusal.clone(), decision.check));
+            } else {
+                self.summary.outcome = refusal.category;
+                self.summary.check = decision.check;
+                let reply = refusal.reply.clone();
+                self.reply(&reply);
+                return Err(Stop::Closed);
+            }
         }
         let checks = &self.snap.config.checks;
         if !self.session_exempt.covers("limits") {
@@ -557,6 +567,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
+    /// Whether this listener can offer AUTH at some point of the session (now or after
+    /// STARTTLS), so anti-spam refusals must wait until MAIL.
+    fn auth_possible(&self) -> bool {
+        match self.listener.auth {
+            AuthPolicy::Never => false,
+            AuthPolicy::Always => true,
+            AuthPolicy::AfterTls => self.listener.tls.is_some(),
+        }
+    }
+
     /// SASL mechanisms offered to this client now: those of the upstream AUTH is relayed
     /// to, when the listener's policy allows AUTH in this state.
     fn auth_mechanisms(&self) -> Vec<String> {
@@ -735,7 +755,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .run(&self.context(Stage::Helo, None, None, &self.session_exempt))
             .await;
         self.session_exempt.add(&decision.exempt);
-        if let Some(refusal) = refusal_of(&decision.action) {
+        if let Some(refusal) = refusal_of(&decision.action)
+            && self.auth_possible()
+        {
+            // As at connect: applied at MAIL unless the client authenticates first.
+            if self.deferred.is_none() {
+                self.deferred = Some((refusal.clone(), decision.check));
+            }
+        } else if let Some(refusal) = refusal_of(&decision.action) {
             self.info.helo = None;
             self.summary.outcome = refusal.category;
             self.summary.check = decision.check;
@@ -803,6 +830,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if self.listener.require_tls && !self.io.is_tls() {
             return self.error_reply(&Reply::build(530, "5.7.0", "Must issue a STARTTLS command first"));
+        }
+        if self.info.authenticated.is_none()
+            && let Some((refusal, check)) = self.deferred.clone()
+        {
+            self.summary.outcome = refusal.category;
+            self.summary.check = check;
+            return self.error_reply(&refusal.reply);
         }
         let adv = self.advertised.clone().unwrap_or_default();
         let mut smtputf8 = false;
