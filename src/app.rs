@@ -10,6 +10,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
+use crate::dns::Resolver;
+use crate::policy::dnsbl::DnsblCheck;
+use crate::policy::helo::HeloCheck;
+use crate::policy::lists::ListsCheck;
+use crate::policy::ptr::PtrCheck;
 use crate::policy::relay_control::RelayControl;
 use crate::policy::{Check, Pipeline};
 use crate::upstream::Routes;
@@ -56,6 +61,78 @@ pub struct Snapshot {
     pub counters: Arc<Counters>,
     /// Per-client connection accounting, kept across reloads.
     pub limiter: Arc<crate::limits::ConnectionLimiter>,
+    /// The DNSBL check, for its periodic RFC 5782 self-test.
+    pub dnsbl: Option<Arc<DnsblCheck>>,
+}
+
+/// The configured checks in pipeline order. Checks without I/O decide first anyway (see
+/// `Pipeline::run`); among the DNS ones the order is the order their verdicts are taken.
+type BuiltChecks = (Vec<Arc<dyn Check>>, Option<Arc<DnsblCheck>>);
+
+fn build_checks(
+    config: &Config,
+    routes: &Arc<Routes>,
+    previous: Option<&Snapshot>,
+) -> Result<BuiltChecks, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(RelayControl::new(routes.clone()))];
+    let c = &config.checks;
+    let needs_dns =
+        (c.helo.enabled && c.helo.unresolvable.is_some()) || c.ptr.enabled || !c.dnsbl.zones.is_empty();
+    let resolver = if needs_dns {
+        match Resolver::new(&config.dns) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                errors.push(format!("dns: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut add = |r: Result<Arc<dyn Check>, Vec<String>>| match r {
+        Ok(check) => checks.push(check),
+        Err(e) => errors.extend(e),
+    };
+    if !c.lists.whitelist.is_empty() || !c.lists.blacklist.is_empty() {
+        add(ListsCheck::build(&c.lists).map(|l| Arc::new(l) as Arc<dyn Check>));
+    }
+    if c.helo.enabled {
+        let mut names = vec![config.hostname()];
+        names.extend(config.listeners.iter().filter_map(|l| l.hostname.clone()));
+        let ips = config
+            .listeners
+            .iter()
+            .filter_map(|l| l.address.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        add(HeloCheck::build(&c.helo, names, ips, resolver.clone()).map(|h| Arc::new(h) as Arc<dyn Check>));
+    }
+    let mut dnsbl = None;
+    if let Some(resolver) = &resolver {
+        if c.ptr.enabled {
+            add(PtrCheck::build(&c.ptr, resolver.clone()).map(|p| Arc::new(p) as Arc<dyn Check>));
+        }
+        if !c.dnsbl.zones.is_empty() {
+            match DnsblCheck::build(&c.dnsbl, resolver.clone()) {
+                Ok(d) => {
+                    let d = Arc::new(d);
+                    if let Some(old) = previous.and_then(|p| p.dnsbl.as_ref()) {
+                        d.adopt_status(old);
+                    }
+                    dnsbl = Some(d.clone());
+                    add(Ok(d as Arc<dyn Check>));
+                }
+                Err(e) => errors.extend(e),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok((checks, dnsbl))
+    } else {
+        Err(errors)
+    }
 }
 
 impl Snapshot {
@@ -94,7 +171,16 @@ impl Snapshot {
                 errors,
             });
         };
-        let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(RelayControl::new(routes.clone()))];
+        let built = build_checks(&config, &routes, previous);
+        let (mut checks, dnsbl) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(ConfigError {
+                    source_name: "configuration".into(),
+                    errors: e,
+                });
+            }
+        };
         checks.extend(extra_checks.iter().cloned());
         let pipeline = Pipeline::new(checks, config.policy.on_error)
             .with_score_limit(Some(config.policy.score_limit).filter(|l| *l > 0.0));
@@ -106,6 +192,7 @@ impl Snapshot {
             listener_tls,
             counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
             limiter: previous.map(|p| p.limiter.clone()).unwrap_or_default(),
+            dnsbl,
         })
     }
 }

@@ -28,6 +28,9 @@ pub struct Config {
     /// The development upstream: for trying thassp out without an MTA. Never for production.
     #[serde(default)]
     pub devsink: DevsinkConfig,
+    /// The resolver every DNS-based check shares.
+    #[serde(default)]
+    pub dns: crate::dns::DnsConfig,
     /// How check verdicts combine.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -64,6 +67,10 @@ impl Default for PolicyConfig {
 pub struct ChecksConfig {
     pub limits: crate::limits::LimitsConfig,
     pub pregreet: PregreetConfig,
+    pub lists: crate::policy::lists::ListsConfig,
+    pub helo: crate::policy::helo::HeloConfig,
+    pub ptr: crate::policy::ptr::PtrConfig,
+    pub dnsbl: crate::policy::dnsbl::DnsblConfig,
 }
 
 /// `[checks.pregreet]`: early talkers. Before the banner thassp sends a `220-` line and
@@ -642,9 +649,10 @@ impl Config {
                 "must be between 0 and 1000000".into(),
             );
         }
-        for msg in self.checks.limits.validate("checks.limits") {
-            errors_extra.push(msg);
-        }
+        errors_extra.extend(self.checks.limits.validate("checks.limits"));
+        errors_extra.extend(self.dns.validate("dns"));
+        errors_extra.extend(self.checks.ptr.validate("checks.ptr"));
+        errors_extra.extend(self.checks.dnsbl.validate("checks.dnsbl"));
         if self.checks.pregreet.enabled
             && (self.checks.pregreet.wait.is_zero() || self.checks.pregreet.wait > Duration::from_secs(60))
         {

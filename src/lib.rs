@@ -12,6 +12,7 @@
 //! - [`smtp::session`]: the client-side state machine; asks the policy at each stage.
 //! - [`smtp::relay`]: the client towards the upstream MTA (lockstep).
 //! - [`upstream`]: upstream MTAs, their probed capabilities, and domain routing.
+//! - [`dns`]: the one resolver (config, lookups, reverse DNS with forward confirmation).
 //! - [`policy`]: stages, verdicts, the `Check` trait and the pipeline; one file per check.
 //! - [`limits`]: per-client connection accounting (concurrency, rate), sharded.
 //! - [`devsink`]: a development upstream that stores mail as files (trying out, tests).
@@ -29,6 +30,7 @@
 pub mod app;
 pub mod config;
 pub mod devsink;
+pub mod dns;
 pub mod limits;
 pub mod policy;
 pub mod proxy_protocol;

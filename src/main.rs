@@ -68,6 +68,15 @@ fn main() -> ExitCode {
         // Parse, validate, and build everything the file names (certificates, CA files, list
         // files), exactly as `run` and a reload would.
         Cmd::CheckConfig { config } => match Config::load(&config).and_then(|c| {
+            // Building resolvers may need a runtime context, exactly as under `run`.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| thassp::config::ConfigError {
+                    source_name: "runtime".into(),
+                    errors: vec![e.to_string()],
+                })?;
+            let _guard = runtime.enter();
             App::new(c).map_err(|mut e| {
                 e.source_name = config.display().to_string();
                 e
@@ -121,18 +130,28 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match app.reload_from(&path) {
-                Ok(warnings) => {
-                    for w in warnings {
-                        warn!("{w}");
-                    }
-                    info!(config = %path.display(), "Configuration reloaded.");
-                }
-                Err(e) => error!("Reload failed, the running configuration stays: {e}"),
-            },
+            // Reading list and certificate files blocks: keep it off the async workers.
+            _ = hup.recv() => reload(&app, &path).await,
         }
     }
     info!("Shutting down: no new connections; sessions in flight may finish.");
     running.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP: re-read the file and swap the configuration; on any error keep the running one.
+/// Reading list and certificate files blocks, so it runs off the async workers.
+async fn reload(app: &std::sync::Arc<App>, path: &std::path::Path) {
+    let (app, owned) = (app.clone(), path.to_path_buf());
+    let outcome = tokio::task::spawn_blocking(move || app.reload_from(&owned)).await;
+    match outcome {
+        Ok(Ok(warnings)) => {
+            for w in warnings {
+                warn!("{w}");
+            }
+            info!(config = %path.display(), "Configuration reloaded.");
+        }
+        Ok(Err(e)) => error!("Reload failed, the running configuration stays: {e}"),
+        Err(e) => error!("Reload failed, the running configuration stays: reload task failed: {e}"),
+    }
 }

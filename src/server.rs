@@ -80,7 +80,17 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
 
     // A bounded first probe, so the first EHLO already reflects the upstreams' extensions.
     let first = futures_util::future::join_all(snap.routes.upstreams.iter().map(probe_one));
-    let _ = tokio::time::timeout(Duration::from_secs(3), first).await;
+    let self_test = async {
+        if let Some(d) = &snap.dnsbl {
+            d.self_test().await;
+        }
+    };
+    // DNSBL zones are used only after their RFC 5782 self-test passed.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::future::join(first, self_test),
+    )
+    .await;
     tracker.spawn(probe_loop(app.clone(), stop_accepting.clone()));
 
     let connections = Arc::new(Semaphore::new(config.server.max_connections));
@@ -314,8 +324,14 @@ async fn probe_one(up: &Arc<crate::upstream::Upstream>) {
     }
 }
 
-/// Re-probes each upstream of the current snapshot when its interval has passed.
+/// Re-probes each upstream of the current snapshot when its interval has passed, and runs
+/// the DNSBL self-test periodically and after a reload.
 async fn probe_loop(app: Arc<App>, stop: CancellationToken) {
+    let mut tested: Option<(Arc<crate::policy::dnsbl::DnsblCheck>, tokio::time::Instant)> = app
+        .snapshot()
+        .dnsbl
+        .clone()
+        .map(|d| (d, tokio::time::Instant::now()));
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -329,9 +345,21 @@ async fn probe_loop(app: Arc<App>, stop: CancellationToken) {
                 .is_none_or(|age| age >= u.probe_interval)
         });
         let probes = futures_util::future::join_all(due.map(probe_one));
+        let dnsbl = snap.dnsbl.clone().filter(|d| match &tested {
+            Some((t, at)) => !Arc::ptr_eq(t, d) || at.elapsed() >= d.self_test_interval(),
+            None => true,
+        });
+        let self_test = async {
+            if let Some(d) = &dnsbl {
+                d.self_test().await;
+            }
+        };
         tokio::select! {
-            _ = probes => {}
+            _ = futures_util::future::join(probes, self_test) => {}
             () = stop.cancelled() => return,
+        }
+        if let Some(d) = dnsbl {
+            tested = Some((d, tokio::time::Instant::now()));
         }
     }
 }

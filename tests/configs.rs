@@ -29,8 +29,8 @@ fn shipped_configs() -> Vec<PathBuf> {
     files
 }
 
-#[test]
-fn every_shipped_config_is_valid() {
+#[tokio::test]
+async fn every_shipped_config_is_valid() {
     let files = shipped_configs();
     assert!(
         files.len() >= 2,

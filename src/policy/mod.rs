@@ -2,6 +2,10 @@
 //! the `Pipeline` that runs a stage's checks in order and turns verdicts into one decision.
 //! Checks only look at the `Context`; they never write to the client or the upstream.
 
+pub mod dnsbl;
+pub mod helo;
+pub mod lists;
+pub mod ptr;
 pub mod relay_control;
 
 use std::fmt;
@@ -184,11 +188,10 @@ impl Refusal {
     pub fn temporary(mut self) -> Self {
         if self.reply.code >= 500 {
             self.reply.code = match self.reply.code {
-                550 => 450,
-                551 | 553 => 450,
+                550 | 551 | 553 => 450,
                 552 => 452,
-                554 => 451,
-                c => c - 100,
+                // 554 and the syntax codes (501, 504, …) have no meaningful 4xx twin.
+                _ => 451,
             };
             if let Some(e) = self.reply.enhanced.as_mut() {
                 e.0 = 4;
