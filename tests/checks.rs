@@ -151,3 +151,243 @@ async fn recipients_per_session_are_limited() {
     }
     running.shutdown().await;
 }
+
+use common::dns::{Records, TestDns};
+
+/// thassp behind a PROXY-protocol listener (trusting loopback), so each test client can
+/// present a public address to the checks, with DNS answered by `dns`.
+async fn behind_proxy(sink: &Sink, dns: &TestDns, extra: &str) -> thassp::server::Running {
+    let text = format!(
+        r#"
+        [server]
+        hostname = "mx.thassp.test"
+        shutdown_grace = "2s"
+        [[listener]]
+        address = "127.0.0.1:0"
+        proxy_protocol = true
+        proxy_trusted = ["127.0.0.0/8"]
+        [smtp]
+        max_errors = 50
+        [upstream.main]
+        address = "{}"
+        [domains]
+        local = ["example.com"]
+        [dns]
+        servers = ["{}"]
+        timeout = "300ms"
+        attempts = 2
+        check_deadline = "2s"
+        {extra}
+        "#,
+        sink.addr,
+        dns.addr()
+    );
+    start(thassp::config::Config::from_toml(&text, "test").unwrap_or_else(|e| panic!("{e}"))).await
+}
+
+/// Connects as `ip` through the PROXY header; returns the client and the first reply.
+async fn as_client(running: &thassp::server::Running, ip: &str) -> (Client, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(running.smtp_addrs[0])
+        .await
+        .unwrap();
+    tcp.write_all(format!("PROXY TCP4 {ip} 192.0.2.1 40000 25\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut c = Client::over(tcp);
+    let first = c.reply().await;
+    (c, first)
+}
+
+fn bl(ip: &str, zone: &str) -> String {
+    let mut o: Vec<&str> = ip.split('.').collect();
+    o.reverse();
+    format!("{}.{zone}", o.join("."))
+}
+
+#[tokio::test]
+async fn dnsbl_and_dnswl_through_smtp() {
+    let dns = TestDns::start(
+        Records::new()
+            .a("2.0.0.127.bl.test", "127.0.0.2")
+            .a(&bl("203.0.113.9", "bl.test"), "127.0.0.2")
+            .a(&bl("203.0.113.11", "bl.test"), "127.0.0.2")
+            .a("2.0.0.127.wl.test", "127.0.0.2")
+            .a(&bl("203.0.113.11", "wl.test"), "127.0.0.2"),
+    )
+    .await;
+    let sink = Sink::start().await;
+    let running = behind_proxy(
+        &sink,
+        &dns,
+        "[checks.dnsbl]\nzones = [\"bl.test*2\", \"wl.test*-3\"]\nthreshold = 2",
+    )
+    .await;
+
+    let (mut c, first) = as_client(&running, "203.0.113.9").await;
+    assert_eq!(
+        first,
+        "554 5.7.1 Service unavailable; client [203.0.113.9] blocked using bl.test\r\n"
+    );
+    assert!(c.closed().await);
+
+    let (mut c, first) = as_client(&running, "203.0.113.10").await;
+    assert!(first.starts_with("220 "), "{first}");
+    let r = c
+        .send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+
+    // Listed, but also on the DNSWL with a bigger negative weight: accepted.
+    let (mut c, first) = as_client(&running, "203.0.113.11").await;
+    assert!(first.starts_with("220 "), "{first}");
+    let r = c
+        .send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn ptr_through_smtp_with_on_error() {
+    let dns = TestDns::start(
+        Records::new()
+            .ptr("198.51.100.1", "mail.sender.example")
+            .a("mail.sender.example", "198.51.100.1")
+            .ptr("198.51.100.2", "c-198-51-100-2.hsd1.isp.example")
+            .servfail("3.100.51.198.in-addr.arpa"),
+    )
+    .await;
+    let sink = Sink::start().await;
+    let running = behind_proxy(&sink, &dns, "[checks.ptr]\nenabled = true").await;
+
+    // No PTR: a temporary refusal, which at connect is a 421.
+    let (mut c, first) = as_client(&running, "198.51.100.9").await;
+    assert_eq!(first, "421 4.7.25 Client host 198.51.100.9 has no PTR record\r\n");
+    assert!(c.closed().await);
+
+    // Forward-confirmed: served, and the name appears in the Received header.
+    let (mut c, first) = as_client(&running, "198.51.100.1").await;
+    assert!(first.starts_with("220 "), "{first}");
+    assert!(
+        c.send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+            .await
+            .starts_with("250")
+    );
+    let header = String::from_utf8_lossy(&sink.deliveries()[0].data).into_owned();
+    assert!(
+        header.starts_with("Received: from client.example.net (mail.sender.example [198.51.100.1])"),
+        "{header}"
+    );
+
+    // Unconfirmed (2) plus dynamic (3) reach the default score limit of 5.
+    let (_, first) = as_client(&running, "198.51.100.2").await;
+    assert!(
+        first.starts_with("554 5.7.") && first.contains("(score 5.0 of 5.0)"),
+        "{first}"
+    );
+
+    // SERVFAIL: the check cannot decide; on_error = tempfail (default) means 421.
+    let (_, first) = as_client(&running, "198.51.100.3").await;
+    assert!(first.starts_with("421 4.3.0"), "{first}");
+    running.shutdown().await;
+
+    let running = behind_proxy(
+        &sink,
+        &dns,
+        "[policy]\non_error = \"pass\"\n[checks.ptr]\nenabled = true",
+    )
+    .await;
+    let (_, first) = as_client(&running, "198.51.100.3").await;
+    assert!(first.starts_with("220 "), "{first}");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn helo_rules_through_smtp() {
+    let dns = TestDns::start(Records::new()).await;
+    let sink = Sink::start().await;
+    let running = behind_proxy(&sink, &dns, "").await;
+    let (mut c, _) = as_client(&running, "203.0.113.9").await;
+    for (helo, expect) in [
+        ("localhost", "550 5.7.1"),
+        ("192.0.2.7", "550 5.7.1"),
+        ("[203.0.113.8]", "550 5.7.1"),
+        ("mx.thassp.test", "550 5.7.1"),
+        ("justaname", "504 5.5.2"),
+        ("[203.0.113.9]", "250"),
+        ("mail.sender.example", "250"),
+    ] {
+        let r = c.cmd(&format!("EHLO {helo}")).await;
+        assert!(r.starts_with(expect), "EHLO {helo}: {r}");
+    }
+    // Refused HELO: no MAIL until a good one.
+    c.cmd("EHLO localhost").await;
+    assert!(c.cmd("MAIL FROM:<a@example.net>").await.starts_with("503 5.5.1"));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn lists_through_smtp() {
+    let dns = TestDns::start(
+        Records::new()
+            .a("2.0.0.127.bl.test", "127.0.0.2")
+            .a(&bl("203.0.113.77", "bl.test"), "127.0.0.2"),
+    )
+    .await;
+    let sink = Sink::start().await;
+    let running = behind_proxy(
+        &sink,
+        &dns,
+        r#"
+        [checks.dnsbl]
+        zones = ["bl.test"]
+        [[checks.lists.whitelist]]
+        name = "partners"
+        ips = ["203.0.113.64/27"]
+        [[checks.lists.blacklist]]
+        name = "bans"
+        ips = ["203.0.113.66"]
+        senders = ["spammer.example"]
+        recipients = ["closed@example.com"]
+        "#,
+    )
+    .await;
+    // The whitelist (a /27) beats both the blacklisted /32 inside it and the DNSBL.
+    let (mut c, first) = as_client(&running, "203.0.113.77").await;
+    assert!(first.starts_with("220 "), "{first}");
+    assert!(
+        c.send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+            .await
+            .starts_with("250")
+    );
+    // …but not relay control.
+    c.cmd("MAIL FROM:<a@example.net>").await;
+    assert!(
+        c.cmd("RCPT TO:<x@elsewhere.example>")
+            .await
+            .starts_with("550 5.7.1")
+    );
+
+    let (mut c, first) = as_client(&running, "203.0.113.5").await;
+    assert!(first.starts_with("220 "), "{first}");
+    c.cmd("EHLO client.example.net").await;
+    let r = c.cmd("MAIL FROM:<x@mail.spammer.example>").await;
+    assert!(r.starts_with("550 5.7.1") && r.contains("blacklisted"), "{r}");
+    assert!(c.cmd("MAIL FROM:<x@good.example>").await.starts_with("250"));
+    let r = c.cmd("RCPT TO:<closed@example.com>").await;
+    assert!(r.starts_with("550 5.7.1") && r.contains("blacklisted"), "{r}");
+    assert!(c.cmd("RCPT TO:<open@example.com>").await.starts_with("250"));
+    running.shutdown().await;
+
+    let running = behind_proxy(
+        &sink,
+        &dns,
+        "[[checks.lists.blacklist]]\nips = [\"203.0.113.66\"]\n",
+    )
+    .await;
+    let (mut c, first) = as_client(&running, "203.0.113.66").await;
+    assert!(first.starts_with("554 5.7.1 Access denied"), "{first}");
+    assert!(c.closed().await);
+    running.shutdown().await;
+}

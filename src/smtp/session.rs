@@ -233,7 +233,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } else {
                 self.summary.outcome = refusal.category;
                 self.summary.check = decision.check;
-                let reply = refusal.reply.clone();
+                // RFC 5321 §3.1: a server that refuses the session says 554 (or 421 for a
+                // temporary refusal) instead of 220, whatever code the check chose.
+                let mut reply = refusal.reply.clone();
+                reply.code = if reply.is_transient() { 421 } else { 554 };
                 self.reply(&reply);
                 return Err(Stop::Closed);
             }
@@ -714,7 +717,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         ClientIdentity {
             addr: self.info.peer.ip(),
             port: self.info.peer.port(),
-            name: None,
+            name: match self.facts.ptr.get() {
+                Some(crate::policy::Ptr::Confirmed(name)) => Some(name.clone()),
+                _ => None,
+            },
             helo: self.info.helo.clone(),
             esmtp: self.info.esmtp,
             local: self.info.local,
@@ -1473,8 +1479,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some([only]) => format!("\r\n\tfor {only}"),
             _ => String::new(),
         };
+        // Only a forward-confirmed PTR name is written; anything else is "unknown" (as
+        // Postfix does), and no lookup is made here just for the header.
+        let ptr = match self.facts.ptr.get() {
+            Some(crate::policy::Ptr::Confirmed(name)) => name.as_str(),
+            _ => "unknown",
+        };
         format!(
-            "Received: from {helo} (unknown {literal}){tls_comment}\r\n\tby {host} (thassp) with {proto} id {id}.{n}{for_clause};\r\n\t{date}\r\n",
+            "Received: from {helo} ({ptr} {literal}){tls_comment}\r\n\tby {host} (thassp) with {proto} id {id}.{n}{for_clause};\r\n\t{date}\r\n",
             host = self.info.hostname,
             id = self.info.id,
             n = self.summary.transactions,
