@@ -12,11 +12,16 @@ use tokio::sync::watch;
 use crate::config::{Config, ConfigError};
 use crate::dns::Resolver;
 use crate::policy::dnsbl::DnsblCheck;
+use crate::policy::greylist::GreylistCheck;
 use crate::policy::helo::HeloCheck;
 use crate::policy::lists::ListsCheck;
 use crate::policy::ptr::PtrCheck;
 use crate::policy::relay_control::RelayControl;
+use crate::policy::reputation::{BlockCheck, Reputation};
+use crate::policy::spf::SpfCheck;
+use crate::policy::traps::TrapsCheck;
 use crate::policy::{Check, Pipeline};
+use crate::store::{Clock, Store, SystemClock};
 use crate::upstream::Routes;
 
 /// Where the process is in its life; sessions watch it to finish cleanly.
@@ -63,6 +68,8 @@ pub struct Snapshot {
     pub limiter: Arc<crate::limits::ConnectionLimiter>,
     /// The DNSBL check, for its periodic RFC 5782 self-test.
     pub dnsbl: Option<Arc<DnsblCheck>>,
+    /// Failure counting, tarpit and autoblacklist, when enabled.
+    pub reputation: Option<Arc<crate::policy::reputation::Reputation>>,
 }
 
 /// The configured checks in pipeline order. Checks without I/O decide first anyway (see
@@ -73,12 +80,21 @@ fn build_checks(
     config: &Config,
     routes: &Arc<Routes>,
     previous: Option<&Snapshot>,
+    shared: &Shared,
+    reputation: &Arc<Reputation>,
 ) -> Result<BuiltChecks, Vec<String>> {
     let mut errors = Vec::new();
-    let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(RelayControl::new(routes.clone()))];
+    // Blocks (autoblacklist, traps) come first among the I/O checks: a blocked client costs
+    // one store lookup and no DNS.
+    let mut checks: Vec<Arc<dyn Check>> = vec![
+        Arc::new(RelayControl::new(routes.clone())),
+        Arc::new(BlockCheck::new(reputation.clone())),
+    ];
     let c = &config.checks;
-    let needs_dns =
-        (c.helo.enabled && c.helo.unresolvable.is_some()) || c.ptr.enabled || !c.dnsbl.zones.is_empty();
+    let needs_dns = (c.helo.enabled && c.helo.unresolvable.is_some())
+        || c.ptr.enabled
+        || !c.dnsbl.zones.is_empty()
+        || c.spf.enabled;
     let resolver = if needs_dns {
         match Resolver::new(&config.dns) {
             Ok(r) => Some(Arc::new(r)),
@@ -114,6 +130,9 @@ fn build_checks(
         if c.ptr.enabled {
             add(PtrCheck::build(&c.ptr, resolver.clone()).map(|p| Arc::new(p) as Arc<dyn Check>));
         }
+        if c.spf.enabled {
+            add(SpfCheck::build(&c.spf, resolver.clone()).map(|s| Arc::new(s) as Arc<dyn Check>));
+        }
         if !c.dnsbl.zones.is_empty() {
             match DnsblCheck::build(&c.dnsbl, resolver.clone()) {
                 Ok(d) => {
@@ -127,6 +146,19 @@ fn build_checks(
                 Err(e) => errors.extend(e),
             }
         }
+    }
+    if !c.traps.is_empty() {
+        match TrapsCheck::build(&c.traps, reputation.clone()) {
+            Ok(t) => checks.push(Arc::new(t)),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if c.greylist.enabled {
+        checks.push(Arc::new(GreylistCheck::new(
+            c.greylist.clone(),
+            shared.store.clone(),
+            shared.clock.clone(),
+        )));
     }
     if errors.is_empty() {
         Ok((checks, dnsbl))
@@ -145,6 +177,7 @@ impl Snapshot {
         config: Config,
         previous: Option<&Self>,
         extra_checks: &[Arc<dyn Check>],
+        shared: &Shared,
     ) -> Result<Self, ConfigError> {
         let mut errors = Vec::new();
         let mut listener_tls = HashMap::new();
@@ -171,7 +204,12 @@ impl Snapshot {
                 errors,
             });
         };
-        let built = build_checks(&config, &routes, previous);
+        let reputation = Arc::new(Reputation::new(
+            config.checks.reputation.clone(),
+            shared.store.clone(),
+            shared.clock.clone(),
+        ));
+        let built = build_checks(&config, &routes, previous, shared, &reputation);
         let (mut checks, dnsbl) = match built {
             Ok(b) => b,
             Err(e) => {
@@ -193,8 +231,16 @@ impl Snapshot {
             counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
             limiter: previous.map(|p| p.limiter.clone()).unwrap_or_default(),
             dnsbl,
+            reputation: Some(reputation),
         })
     }
+}
+
+/// The long-lived parts a snapshot is built with: they survive reloads.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// The running application: the current snapshot and the shutdown signal.
@@ -203,31 +249,72 @@ pub struct App {
     phase: watch::Sender<Phase>,
     /// Checks added by the embedder (tests, extensions), kept across reloads.
     extra_checks: Vec<Arc<dyn Check>>,
+    shared: Shared,
     pub started: Instant,
 }
 
 impl App {
-    /// Builds the application from a validated configuration.
+    /// Builds the application from a validated configuration, opening the state store.
     ///
     /// # Errors
-    /// When a file the configuration names (certificates, CA files) cannot be loaded.
-    pub fn new(config: Config) -> Result<Arc<Self>, ConfigError> {
-        Self::with_checks(config, Vec::new())
+    /// When the store cannot be opened or a file the configuration names (certificates,
+    /// list files) cannot be loaded.
+    pub async fn new(config: Config) -> Result<Arc<Self>, ConfigError> {
+        Self::with_checks(config, Vec::new()).await
     }
 
     /// Like `new`, with additional checks run after the built-in ones.
     ///
     /// # Errors
     /// As [`App::new`].
-    pub fn with_checks(config: Config, extra_checks: Vec<Arc<dyn Check>>) -> Result<Arc<Self>, ConfigError> {
+    pub async fn with_checks(
+        config: Config,
+        extra_checks: Vec<Arc<dyn Check>>,
+    ) -> Result<Arc<Self>, ConfigError> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let store = crate::store::open(&config.store, clock.clone())
+            .await
+            .map_err(|e| ConfigError {
+                source_name: "configuration".into(),
+                errors: vec![e],
+            })?;
+        Self::with_parts(config, extra_checks, Shared { store, clock })
+    }
+
+    /// Builds the application on a given store and clock (tests move a manual clock).
+    ///
+    /// # Errors
+    /// As [`App::new`].
+    pub fn with_parts(
+        config: Config,
+        extra_checks: Vec<Arc<dyn Check>>,
+        shared: Shared,
+    ) -> Result<Arc<Self>, ConfigError> {
         crate::tls::install_default_provider();
-        let snapshot = Snapshot::build(config, None, &extra_checks)?;
+        let snapshot = Snapshot::build(config, None, &extra_checks, &shared)?;
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             phase: watch::Sender::new(Phase::Running),
             extra_checks,
+            shared,
             started: Instant::now(),
         }))
+    }
+
+    /// What `thassp check-config` does: everything a start does (files read, checks
+    /// built) except opening the state store, so no state file is created.
+    ///
+    /// # Errors
+    /// As [`App::new`].
+    pub fn check(config: Config) -> Result<(), ConfigError> {
+        crate::tls::install_default_provider();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let store: Arc<dyn Store> = Arc::new(crate::store::memory::MemoryStore::new(clock.clone(), 1024));
+        Snapshot::build(config, None, &[], &Shared { store, clock }).map(|_| ())
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
     }
 
     /// The current snapshot; a session keeps the one it started with.
@@ -250,7 +337,10 @@ impl App {
         if old.config.devsink != config.devsink {
             warnings.push("devsink: changes take effect after a restart".to_string());
         }
-        let new = Snapshot::build(config, Some(&old), &self.extra_checks)?;
+        if old.config.store != config.store {
+            warnings.push("store: backend changes take effect after a restart".to_string());
+        }
+        let new = Snapshot::build(config, Some(&old), &self.extra_checks, &self.shared)?;
         self.snapshot.store(Arc::new(new));
         Ok(warnings)
     }

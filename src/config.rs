@@ -31,6 +31,9 @@ pub struct Config {
     /// The resolver every DNS-based check shares.
     #[serde(default)]
     pub dns: crate::dns::DnsConfig,
+    /// Where the stateful defences keep their state.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
     /// How check verdicts combine.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -71,6 +74,10 @@ pub struct ChecksConfig {
     pub helo: crate::policy::helo::HeloConfig,
     pub ptr: crate::policy::ptr::PtrConfig,
     pub dnsbl: crate::policy::dnsbl::DnsblConfig,
+    pub greylist: crate::policy::greylist::GreylistConfig,
+    pub reputation: crate::policy::reputation::ReputationConfig,
+    pub traps: crate::policy::traps::TrapsConfig,
+    pub spf: crate::policy::spf::SpfConfig,
 }
 
 /// `[checks.pregreet]`: early talkers. Before the banner thassp sends a `220-` line and
@@ -653,6 +660,10 @@ impl Config {
         errors_extra.extend(self.dns.validate("dns"));
         errors_extra.extend(self.checks.ptr.validate("checks.ptr"));
         errors_extra.extend(self.checks.dnsbl.validate("checks.dnsbl"));
+        errors_extra.extend(self.store.validate("store"));
+        errors_extra.extend(self.checks.greylist.validate("checks.greylist"));
+        errors_extra.extend(self.checks.reputation.validate("checks.reputation"));
+        errors_extra.extend(self.checks.spf.validate("checks.spf"));
         if self.checks.pregreet.enabled
             && (self.checks.pregreet.wait.is_zero() || self.checks.pregreet.wait > Duration::from_secs(60))
         {

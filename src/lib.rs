@@ -15,6 +15,8 @@
 //! - [`dns`]: the one resolver (config, lookups, reverse DNS with forward confirmation).
 //! - [`policy`]: stages, verdicts, the `Check` trait and the pipeline; one file per check.
 //! - [`limits`]: per-client connection accounting (concurrency, rate), sharded.
+//! - [`store`]: the state store (memory, SQLite, Redis) for greylisting, reputation, blocks.
+//! - [`events`]: event log to SQL (bounded queue, batching writer, retention) and the statistics.
 //! - [`devsink`]: a development upstream that stores mail as files (trying out, tests).
 //! - [`tls`]: rustls server configs per listener and client configs per upstream.
 //! - [`stream`]: the byte streams sessions run over (STARTTLS upgrade, PROXY leftovers).
@@ -31,11 +33,13 @@ pub mod app;
 pub mod config;
 pub mod devsink;
 pub mod dns;
+pub mod events;
 pub mod limits;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod server;
 pub mod smtp;
+pub mod store;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
                     errors: vec![e.to_string()],
                 })?;
             let _guard = runtime.enter();
-            App::new(c).map_err(|mut e| {
+            App::check(c).map_err(|mut e| {
                 e.source_name = config.display().to_string();
                 e
             })
@@ -120,7 +120,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let app = App::new(config)?;
+    let app = App::new(config).await?;
     let running = thassp::server::start(app.clone()).await?;
     info!(version = env!("CARGO_PKG_VERSION"), "thassp started.");
     let mut term = signal(SignalKind::terminate())?;

@@ -172,6 +172,10 @@ async fn behind_proxy(sink: &Sink, dns: &TestDns, extra: &str) -> thassp::server
         address = "{}"
         [domains]
         local = ["example.com"]
+        [store]
+        backend = "memory"
+        [checks.reputation]
+        enabled = false
         [dns]
         servers = ["{}"]
         timeout = "300ms"

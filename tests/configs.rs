@@ -38,7 +38,7 @@ async fn every_shipped_config_is_valid() {
     );
     for f in files {
         // Parsed, validated and built, as `thassp check-config` does.
-        if let Err(e) = Config::load(&f).and_then(thassp::app::App::new) {
+        if let Err(e) = Config::load(&f).and_then(thassp::app::App::check) {
             panic!("{}: {e}", f.display());
         }
     }
@@ -52,6 +52,7 @@ async fn quick_start_stores_the_message_as_a_file() {
     let dir = tempfile::tempdir().unwrap();
     config.listeners[0].address = "127.0.0.1:0".into();
     config.devsink.directory = dir.path().join("devmail");
+    config.store.path = dir.path().join("state.db");
     // The upstream is the devsink, so both need the same free port.
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = probe.local_addr().unwrap().port();

@@ -594,6 +594,8 @@ async fn routes_by_recipient_domain() {
         default_upstream = "a"
         local = ["example.com"]
         routes = {{ "example.org" = "b" }}
+        [store]
+        backend = "memory"
         "#,
         sink_a.addr, sink_b.addr
     );
@@ -666,7 +668,9 @@ impl Check for LateRefusal {
 #[tokio::test]
 async fn recipient_refused_after_upstream_accept_is_not_delivered() {
     let sink = Sink::start().await;
-    let app = App::with_checks(config(sink.addr, "", ""), vec![Arc::new(LateRefusal)]).unwrap();
+    let app = App::with_checks(config(sink.addr, "", ""), vec![Arc::new(LateRefusal)])
+        .await
+        .unwrap();
     let running = thassp::server::start(app).await.unwrap();
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     c.cmd("EHLO client.example.net").await;
@@ -778,6 +782,8 @@ async fn connection_cap_answers_421() {
         address = "{}"
         [domains]
         local = ["example.com"]
+        [store]
+        backend = "memory"
         "#,
         sink.addr
     );

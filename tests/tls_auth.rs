@@ -32,6 +32,12 @@ fn cfg(upstream: SocketAddr, listener_extra: &str, upstream_extra: &str) -> Conf
         {upstream_extra}
         [domains]
         local = ["example.com"]
+        [store]
+        backend = "memory"
+        [checks.reputation]
+        enabled = false
+        [checks.spf]
+        enabled = false
         "#
     );
     Config::from_toml(&text, "test").unwrap_or_else(|e| panic!("{e}"))
@@ -539,7 +545,7 @@ async fn certificates_are_reread_on_reload() {
     let pki = common::pki();
     let sink = Sink::start().await;
     let config = cfg(sink.addr, &tls_listener(&pki), "");
-    let app = thassp::app::App::new(config.clone()).unwrap();
+    let app = thassp::app::App::new(config.clone()).await.unwrap();
     let running = thassp::server::start(app.clone()).await.unwrap();
     // A missing certificate: the reload is refused with the key, the old config stays.
     let mut broken = config.clone();
@@ -596,7 +602,9 @@ async fn refusals_wait_until_mail_when_the_client_may_authenticate() {
     })
     .await;
     let config = cfg(sink.addr, &tls_listener(&pki), "");
-    let app = thassp::app::App::with_checks(config.clone(), vec![Arc::new(RefuseAtConnect)]).unwrap();
+    let app = thassp::app::App::with_checks(config.clone(), vec![Arc::new(RefuseAtConnect)])
+        .await
+        .unwrap();
     let running = thassp::server::start(app).await.unwrap();
     let addr = running.smtp_addrs[0];
 
@@ -627,7 +635,9 @@ async fn refusals_wait_until_mail_when_the_client_may_authenticate() {
 
     // A listener that can never offer AUTH refuses at once.
     let running = thassp::server::start(
-        thassp::app::App::with_checks(cfg(sink.addr, "", ""), vec![Arc::new(RefuseAtConnect)]).unwrap(),
+        thassp::app::App::with_checks(cfg(sink.addr, "", ""), vec![Arc::new(RefuseAtConnect)])
+            .await
+            .unwrap(),
     )
     .await
     .unwrap();

@@ -3,10 +3,14 @@
 //! Checks only look at the `Context`; they never write to the client or the upstream.
 
 pub mod dnsbl;
+pub mod greylist;
 pub mod helo;
 pub mod lists;
 pub mod ptr;
 pub mod relay_control;
+pub mod reputation;
+pub mod spf;
+pub mod traps;
 
 use std::fmt;
 use std::future::Future;

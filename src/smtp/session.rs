@@ -68,6 +68,8 @@ pub struct SessionSummary {
     pub auth_failures: u32,
     /// A TLS handshake with the client failed.
     pub tls_failed: bool,
+    /// Replies to the client were delayed (tarpit).
+    pub tarpitted: bool,
 }
 
 /// One mail transaction, from MAIL to the end of DATA or RSET.
@@ -121,6 +123,14 @@ pub struct Session<S> {
     /// A connect- or HELO-stage refusal held until MAIL because the client may still
     /// authenticate (then it no longer applies).
     deferred: Option<(Refusal, Option<&'static str>)>,
+    /// Delay before each reply when the client is tarpitted.
+    tarpit: Option<Duration>,
+    /// Replies queued since the last flush (each costs one tarpit delay).
+    pending_replies: u32,
+    /// The client's failures in the reputation window when the session began.
+    failure_base: u64,
+    /// Failures counted during this session.
+    failures: u64,
     seen_command: bool,
     /// Discarding the rest of an over-long command line.
     discarding: bool,
@@ -153,6 +163,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             pregreet_flagged: false,
             rcpts_total: 0,
             deferred: None,
+            tarpit: None,
+            pending_replies: 0,
+            failure_base: 0,
+            failures: 0,
             seen_command: false,
             discarding: false,
             summary: SessionSummary {
@@ -163,6 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 last_reply: None,
                 auth_failures: 0,
                 tls_failed: false,
+                tarpitted: false,
             },
         }
     }
@@ -233,6 +248,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } else {
                 self.summary.outcome = refusal.category;
                 self.summary.check = decision.check;
+                let category = refusal.category;
+                self.failure(category.as_str());
                 // RFC 5321 §3.1: a server that refuses the session says 554 (or 421 for a
                 // temporary refusal) instead of 220, whatever code the check chose.
                 let mut reply = refusal.reply.clone();
@@ -264,6 +281,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.summary.check = Some("limits");
                     self.reply(&Reply::build(421, "4.7.0", text));
                     return Err(Stop::Closed);
+                }
+            }
+        }
+        if let Some(rep) = self.snap.reputation.clone()
+            && !self.session_exempt.covers("reputation")
+        {
+            match rep.failures(self.info.peer.ip()).await {
+                Ok(n) => {
+                    self.failure_base = n;
+                    if rep.config.tarpit_after > 0 && n >= rep.config.tarpit_after {
+                        self.start_tarpit();
+                    }
+                }
+                Err(e) => {
+                    warn!(session = %self.info.id, error = %e, "Reputation unavailable; no tarpit decision.")
                 }
             }
         }
@@ -314,6 +346,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             category: Category::Pregreet,
         };
         warn!(session = %self.info.id, client = %self.info.peer.ip(), action = %action, "Early talker: {what}.");
+        self.failure("pregreet");
         match action.verdict(refusal) {
             Verdict::Reject(r) | Verdict::TempFail(r) => {
                 self.summary.outcome = r.category;
@@ -339,12 +372,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn reply(&mut self, r: &Reply) {
         r.write_to(&mut self.wbuf);
+        self.pending_replies += 1;
         self.summary.last_reply = Some(r.summary());
+    }
+
+    /// Counts a failure of this client for its reputation (tarpit, autoblacklist). The store
+    /// write runs in the background: the reply never waits on it.
+    fn failure(&mut self, kind: &str) {
+        let Some(rep) = self.snap.reputation.clone() else {
+            return;
+        };
+        if !rep.counts(kind) || self.session_exempt.covers("reputation") || self.info.authenticated.is_some()
+        {
+            return;
+        }
+        self.failures += 1;
+        let ip = self.info.peer.ip();
+        tokio::spawn(async move {
+            if let Err(e) = rep.record_failure(ip).await {
+                tracing::debug!(client = %ip, error = %e, "Could not count a failure.");
+            }
+        });
+        let after = self.snap.reputation.as_ref().map_or(0, |r| r.config.tarpit_after);
+        if self.tarpit.is_none() && after > 0 && self.failure_base + self.failures >= after {
+            self.start_tarpit();
+        }
+    }
+
+    fn start_tarpit(&mut self) {
+        if let Some(rep) = &self.snap.reputation {
+            self.tarpit = Some(rep.config.tarpit_delay);
+            self.summary.tarpitted = true;
+            info!(session = %self.info.id, client = %self.info.peer.ip(), "Client tarpitted: every reply is delayed.");
+        }
     }
 
     /// Sends a refusal and counts it towards `smtp.max_errors`.
     fn error_reply(&mut self, r: &Reply) -> Result<(), Stop> {
         self.reply(r);
+        if matches!(r.code, 500..=504 | 555) {
+            self.failure("protocol");
+        }
         if r.code >= 500 {
             self.errors += 1;
             if self.errors >= self.snap.config.smtp.max_errors {
@@ -358,6 +426,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
+        if let Some(delay) = self.tarpit {
+            // One delay per reply, pipelined replies included; a timer, not a thread.
+            let n = self.pending_replies.clamp(1, 10);
+            tokio::time::sleep(delay * n).await;
+        }
+        self.pending_replies = 0;
         let timeout = self.snap.config.smtp.command_timeout;
         let result = tokio::time::timeout(timeout, self.io.write_all(&self.wbuf)).await;
         self.wbuf.clear();
@@ -706,6 +780,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if reply.is_permanent() && reply.code != 501 {
             self.summary.auth_failures += 1;
+            self.failure("auth");
             Counters::bump(&self.snap.counters.auth_failures);
             warn!(session = %self.info.id, client = %self.info.peer.ip(), user = user.as_deref().unwrap_or(""), mechanism = %mechanism, reply = %reply, "Authentication failed.");
         }
@@ -770,6 +845,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         } else if let Some(refusal) = refusal_of(&decision.action) {
             self.info.helo = None;
+            let category = refusal.category;
+            self.failure(category.as_str());
             self.summary.outcome = refusal.category;
             self.summary.check = decision.check;
             let reply = refusal.reply.clone();
@@ -1200,6 +1277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn note_refusal(&mut self, category: Category, check: Option<&'static str>) {
+        self.failure(category.as_str());
         if let Some(tx) = self.tx.as_mut() {
             // A relay attempt or trap says more about the client than an unknown user.
             let keep = tx.refusal.is_some_and(|(c, _)| c == Category::Trap);

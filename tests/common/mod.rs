@@ -561,6 +561,10 @@ pub fn config(upstream: SocketAddr, smtp_extra: &str, extra: &str) -> Config {
         connect_timeout = "2s"
         [domains]
         local = ["example.com", "example.org"]
+        [store]
+        backend = "memory"
+        [checks.reputation]
+        enabled = false
         {extra}
         "#
     );
@@ -568,7 +572,7 @@ pub fn config(upstream: SocketAddr, smtp_extra: &str, extra: &str) -> Config {
 }
 
 pub async fn start(config: Config) -> Running {
-    server::start(App::new(config).unwrap()).await.unwrap()
+    server::start(App::new(config).await.unwrap()).await.unwrap()
 }
 
 /// thassp in front of a fresh default sink.
