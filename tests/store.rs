@@ -604,6 +604,22 @@ fn config_defaults_parse_and_validation() {
             .contains("unknown field")
     );
 
+    // TLS to Redis is not compiled in (it would need redis's rustls feature): said up front.
+    let tls = StoreConfig {
+        redis_url: "rediss://redis.example:6380".into(),
+        ..StoreConfig::default()
+    };
+    let errors = tls.validate("store");
+    assert!(
+        errors.len() == 1 && errors[0].starts_with("store.redis_url:") && errors[0].contains("TLS"),
+        "{errors:?}"
+    );
+    let unix = StoreConfig {
+        redis_url: "redis+unix:///run/redis.sock".into(),
+        ..StoreConfig::default()
+    };
+    assert!(unix.validate("store").is_empty());
+
     let bad = StoreConfig {
         path: "".into(),
         redis_url: "http://example.com".into(),
@@ -822,7 +838,8 @@ enum Link {
 }
 
 /// A TCP proxy on 127.0.0.1 in front of the real Redis. Leaving `Up` cuts or stalls the
-/// connections open so far; leaving `Stall` closes the stalled ones.
+/// connections open so far; stalled connections stay silent even after the link is back
+/// up, so the store must open new ones.
 struct Proxy {
     addr: SocketAddr,
     link: watch::Sender<Link>,
@@ -843,7 +860,7 @@ impl Proxy {
                         Link::Cut => {}
                         Link::Stall => {
                             let _hold = client;
-                            let _ = rx.changed().await;
+                            std::future::pending::<()>().await;
                         }
                         Link::Up => {
                             let Ok(mut upstream) = TcpStream::connect(redis).await else {
@@ -853,9 +870,10 @@ impl Proxy {
                             tokio::select! {
                                 _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
                                 _ = rx.changed() => {
-                                    // Stalled: the connection stays open, but silent.
+                                    // Stalled: the connection stays open and silent for good,
+                                    // like a half-open TCP connection.
                                     if *rx.borrow_and_update() == Link::Stall {
-                                        let _ = rx.changed().await;
+                                        std::future::pending::<()>().await;
                                     }
                                 }
                             }
@@ -1058,23 +1076,33 @@ async fn redis_hung_is_bounded_by_the_timeout() {
 }
 
 #[tokio::test]
-async fn redis_down_at_start_starts_degraded() {
+async fn redis_down_at_start_starts_degraded_with_a_bounded_journal() {
     let Some(url) = redis_url() else { return };
     let keys = Keys::new(&url, "down-at-start");
     let proxy = Proxy::start(redis_addr(&url)).await;
     proxy.set(Link::Cut);
-    let a = RedisStore::open(keys.options(&proxy.url()), Arc::new(SystemClock))
-        .await
-        .unwrap();
-    assert!(a.health().degraded);
-    assert!(
-        quick(
-            "put_if_absent",
-            a.put_if_absent(Ns::Grey, "t", "1", Some(Duration::from_secs(60)))
-        )
-        .await
-    );
+    // A journal of 3 keys (and a local copy so small that it may evict too, so this test
+    // does not look at it).
+    let options = RedisOptions {
+        cache_size: 3,
+        ..keys.options(&proxy.url())
+    };
+    let a = RedisStore::open(options, Arc::new(SystemClock)).await.unwrap();
+    assert!(a.health().degraded, "Redis down at start is no error");
+    let minute = Some(Duration::from_secs(60));
+    assert!(quick("put_if_absent", a.put_if_absent(Ns::Grey, "t", "1", minute)).await);
+    // Writes to keys already journalled merge; writes to new keys past the bound stay local.
+    for i in 0..4 {
+        quick("put", a.put(Ns::Grey, &format!("j{i}"), "x", minute)).await;
+    }
+    quick("put again", a.put(Ns::Grey, "t", "2", minute)).await;
+    assert_eq!((a.journal_len(), a.journal_dropped()), (3, 2));
+
     proxy.set(Link::Up);
     until("recovery", || !a.health().degraded).await;
-    assert_eq!(keys.get(Ns::Grey, "t").as_deref(), Some("1"));
+    assert_eq!(keys.get(Ns::Grey, "t").as_deref(), Some("2"));
+    let replayed: Vec<_> = (0..4)
+        .map(|i| keys.get(Ns::Grey, &format!("j{i}")).is_some())
+        .collect();
+    assert_eq!(replayed, [true, true, false, false]);
 }

@@ -129,7 +129,7 @@ pub struct SqliteStore {
     /// Failed statements since start, for [`Store::health`].
     errors: Arc<AtomicU64>,
     last_error: Arc<Mutex<Option<String>>>,
-    _purger: AbortOnDrop,
+    purger: AbortOnDrop,
 }
 
 impl SqliteStore {
@@ -171,14 +171,14 @@ impl SqliteStore {
             clock,
             errors,
             last_error,
-            _purger: AbortOnDrop(purger),
+            purger: AbortOnDrop(purger),
         })
     }
 
     /// Stops the purge and closes every connection, waiting for them (a clean shutdown
     /// checkpoints the WAL into the main file).
     pub async fn close(&self) {
-        self._purger.0.abort();
+        self.purger.0.abort();
         self.pool.close().await;
     }
 
