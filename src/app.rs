@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
 use crate::dns::Resolver;
+use crate::events::{EventLog, WriterHandle};
 use crate::policy::dnsbl::DnsblCheck;
 use crate::policy::greylist::GreylistCheck;
 use crate::policy::helo::HeloCheck;
@@ -70,6 +71,7 @@ pub struct Snapshot {
     pub dnsbl: Option<Arc<DnsblCheck>>,
     /// Failure counting, tarpit and autoblacklist, when enabled.
     pub reputation: Option<Arc<crate::policy::reputation::Reputation>>,
+    pub events: EventLog,
 }
 
 /// The configured checks in pipeline order. Checks without I/O decide first anyway (see
@@ -232,6 +234,7 @@ impl Snapshot {
             limiter: previous.map(|p| p.limiter.clone()).unwrap_or_default(),
             dnsbl,
             reputation: Some(reputation),
+            events: shared.events.clone(),
         })
     }
 }
@@ -241,6 +244,8 @@ impl Snapshot {
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
+    /// The event log; its database is chosen at start-up.
+    pub events: EventLog,
 }
 
 /// The running application: the current snapshot and the shutdown signal.
@@ -250,6 +255,8 @@ pub struct App {
     /// Checks added by the embedder (tests, extensions), kept across reloads.
     extra_checks: Vec<Arc<dyn Check>>,
     shared: Shared,
+    /// The event log's writer task, drained at shutdown.
+    writer: std::sync::Mutex<Option<WriterHandle>>,
     pub started: Instant,
 }
 
@@ -272,13 +279,25 @@ impl App {
         extra_checks: Vec<Arc<dyn Check>>,
     ) -> Result<Arc<Self>, ConfigError> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let fail = |e: String| ConfigError {
+            source_name: "configuration".into(),
+            errors: vec![e],
+        };
         let store = crate::store::open(&config.store, clock.clone())
             .await
-            .map_err(|e| ConfigError {
-                source_name: "configuration".into(),
-                errors: vec![e],
-            })?;
-        Self::with_parts(config, extra_checks, Shared { store, clock })
+            .map_err(fail)?;
+        let (events, writer) = if config.events.url.is_empty() {
+            (EventLog::disabled(), None)
+        } else {
+            let (log, writer) =
+                EventLog::start(&config.events).map_err(|e| fail(format!("events.url: {e}")))?;
+            (log, Some(writer))
+        };
+        let app = Self::with_parts(config, extra_checks, Shared { store, clock, events })?;
+        if let Ok(mut w) = app.writer.lock() {
+            *w = writer;
+        }
+        Ok(app)
     }
 
     /// Builds the application on a given store and clock (tests move a manual clock).
@@ -297,6 +316,7 @@ impl App {
             phase: watch::Sender::new(Phase::Running),
             extra_checks,
             shared,
+            writer: std::sync::Mutex::new(None),
             started: Instant::now(),
         }))
     }
@@ -310,11 +330,36 @@ impl App {
         crate::tls::install_default_provider();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store: Arc<dyn Store> = Arc::new(crate::store::memory::MemoryStore::new(clock.clone(), 1024));
-        Snapshot::build(config, None, &[], &Shared { store, clock }).map(|_| ())
+        Snapshot::build(
+            config,
+            None,
+            &[],
+            &Shared {
+                store,
+                clock,
+                events: EventLog::disabled(),
+            },
+        )
+        .map(|_| ())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.shared.events
+    }
+
+    /// Writes what the event log still holds, within `deadline` (after the sessions ended).
+    pub async fn close_events(&self, deadline: std::time::Duration) {
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            let lost = writer.shutdown(deadline).await;
+            if lost > 0 {
+                tracing::warn!(rows = lost, "Event log rows not written before shutdown.");
+            }
+        }
     }
 
     /// The current snapshot; a session keeps the one it started with.
@@ -336,6 +381,9 @@ impl App {
         }
         if old.config.devsink != config.devsink {
             warnings.push("devsink: changes take effect after a restart".to_string());
+        }
+        if old.config.events != config.events {
+            warnings.push("events: database changes take effect after a restart".to_string());
         }
         if old.config.store != config.store {
             warnings.push("store: backend changes take effect after a restart".to_string());

@@ -34,6 +34,9 @@ pub struct Config {
     /// Where the stateful defences keep their state.
     #[serde(default)]
     pub store: crate::store::StoreConfig,
+    /// The event log (one row per connection and per transaction) and its database.
+    #[serde(default)]
+    pub events: crate::events::EventsConfig,
     /// How check verdicts combine.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -661,6 +664,7 @@ impl Config {
         errors_extra.extend(self.checks.ptr.validate("checks.ptr"));
         errors_extra.extend(self.checks.dnsbl.validate("checks.dnsbl"));
         errors_extra.extend(self.store.validate("store"));
+        errors_extra.extend(self.events.validate("events"));
         errors_extra.extend(self.checks.greylist.validate("checks.greylist"));
         errors_extra.extend(self.checks.reputation.validate("checks.reputation"));
         errors_extra.extend(self.checks.spf.validate("checks.spf"));

@@ -40,6 +40,15 @@ enum Cmd {
         #[arg(short, long, env = "THASSP_CONFIG")]
         config: PathBuf,
     },
+    /// Print the outcome statistics (category, attempts, percent) from the event log.
+    Stats {
+        /// Configuration file (TOML); its `[events] url` is read.
+        #[arg(short, long, env = "THASSP_CONFIG")]
+        config: PathBuf,
+        /// Period to report, ending now: "10d", "24h", "30m".
+        #[arg(long, default_value = "10d")]
+        since: String,
+    },
     /// Parse and validate a configuration file and load the files it names; exit 0 when it
     /// is usable, 1 otherwise.
     CheckConfig {
@@ -91,6 +100,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Stats { config, since } => {
+            let result = Config::load(&config).map_err(|e| e.to_string()).and_then(|c| {
+                let since = thassp::config::duration::parse(&since).map_err(|e| format!("--since: {e}"))?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(stats(&c, since))
+            });
+            match result {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("thassp stats: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run { config } => {
             init_logging(cli.log_format);
             let loaded = match Config::load(&config) {
@@ -154,4 +183,19 @@ async fn reload(app: &std::sync::Arc<App>, path: &std::path::Path) {
         Ok(Err(e)) => error!("Reload failed, the running configuration stays: {e}"),
         Err(e) => error!("Reload failed, the running configuration stays: reload task failed: {e}"),
     }
+}
+
+/// The outcome table for the last `since`, as ThASSP printed it.
+async fn stats(config: &Config, since: std::time::Duration) -> Result<String, String> {
+    if config.events.url.is_empty() {
+        return Err("the event log is disabled ([events] url = \"\")".into());
+    }
+    let stats = thassp::events::Stats::open(&config.events).await?;
+    let until = chrono::Utc::now();
+    let from = until - chrono::Duration::from_std(since).map_err(|e| e.to_string())?;
+    let rows = stats
+        .outcome_table(from, until)
+        .await
+        .map_err(|e| format!("reading {}: {e}", config.events.url))?;
+    Ok(thassp::events::format_table(&rows))
 }

@@ -146,6 +146,7 @@ impl Running {
                 self.tracker.wait().await;
             }
         }
+        self.app.close_events(Duration::from_secs(5)).await;
         if let Some((stop, handle)) = self.devsink {
             stop.cancel();
             let _ = handle.await;

@@ -65,6 +65,10 @@ fn config_text(upstream: std::net::SocketAddr, hostname: &str) -> String {
         address = "{upstream}"
         [domains]
         local = ["example.com"]
+        [store]
+        backend = "memory"
+        [events]
+        url = ""
         "#
     )
 }

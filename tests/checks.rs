@@ -174,6 +174,8 @@ async fn behind_proxy(sink: &Sink, dns: &TestDns, extra: &str) -> thassp::server
         local = ["example.com"]
         [store]
         backend = "memory"
+        [events]
+        url = ""
         [checks.reputation]
         enabled = false
         [dns]

@@ -122,6 +122,7 @@ async fn node(
         Shared {
             store: store.clone(),
             clock,
+            events: thassp::events::EventLog::disabled(),
         },
     )
     .unwrap();

@@ -53,6 +53,7 @@ async fn quick_start_stores_the_message_as_a_file() {
     config.listeners[0].address = "127.0.0.1:0".into();
     config.devsink.directory = dir.path().join("devmail");
     config.store.path = dir.path().join("state.db");
+    config.events.url = format!("sqlite://{}", dir.path().join("events.db").display());
     // The upstream is the devsink, so both need the same free port.
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = probe.local_addr().unwrap().port();

@@ -596,6 +596,8 @@ async fn routes_by_recipient_domain() {
         routes = {{ "example.org" = "b" }}
         [store]
         backend = "memory"
+        [events]
+        url = ""
         "#,
         sink_a.addr, sink_b.addr
     );
@@ -784,6 +786,8 @@ async fn connection_cap_answers_421() {
         local = ["example.com"]
         [store]
         backend = "memory"
+        [events]
+        url = ""
         "#,
         sink.addr
     );

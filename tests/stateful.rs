@@ -43,6 +43,7 @@ async fn node_with(sink: &Sink, extra: &str, store: Arc<dyn Store>, clock: Arc<M
     let shared = Shared {
         store: store.clone(),
         clock: clock.clone(),
+        events: thassp::events::EventLog::disabled(),
     };
     let app = App::with_parts(config, Vec::new(), shared).unwrap();
     let running = thassp::server::start(app).await.unwrap();

@@ -34,6 +34,8 @@ fn cfg(upstream: SocketAddr, listener_extra: &str, upstream_extra: &str) -> Conf
         local = ["example.com"]
         [store]
         backend = "memory"
+        [events]
+        url = ""
         [checks.reputation]
         enabled = false
         [checks.spf]

@@ -424,7 +424,7 @@ fn record_version(backend: Backend, t: &Tables) -> String {
     }
 }
 
-/// The newest schema version this build knows (the last of [`migrations`]).
+/// The newest schema version this build knows (the last migration's).
 pub const LATEST_VERSION: i64 = 1;
 
 /// The schema version recorded in the database (0 when there is no version table yet).

@@ -237,6 +237,16 @@ pub struct SessionFacts {
     /// (`Received-SPF:`, `Authentication-Results:`), complete with CRLF line ends. The
     /// session clears it at each MAIL.
     pub headers: std::sync::Mutex<Vec<String>>,
+    /// Authentication results of the current transaction, for the event log.
+    pub results: std::sync::Mutex<AuthResults>,
+}
+
+/// SPF/DKIM/DMARC results of a transaction (`pass`, `fail`, …; empty when not evaluated).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthResults {
+    pub spf: String,
+    pub dkim: String,
+    pub dmarc: String,
 }
 
 impl SessionFacts {

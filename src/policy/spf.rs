@@ -755,6 +755,9 @@ impl Check for SpfCheck {
                 identity = evaluation.identity.as_str(),
                 "SPF evaluated."
             );
+            if let Ok(mut r) = cx.facts.results.lock() {
+                r.spf = evaluation.result.to_string();
+            }
             if self.config.received_spf_header {
                 cx.facts.add_header(received_spf_header(
                     &evaluation,

@@ -19,6 +19,7 @@ use super::codec::{
 use super::relay::{ClientIdentity, RelayError, UpstreamConn};
 use crate::app::{Counters, Phase, Snapshot};
 use crate::config::{AuthPolicy, BareLineEndPolicy};
+use crate::events::{ConnectionEvent, RecipientResult, Timings, TransactionEvent};
 use crate::limits::{Admission, Refused};
 use crate::policy::{
     Action, Category, Context, Exemptions, Refusal, SessionFacts, SessionInfo, Stage, Verdict,
@@ -72,6 +73,28 @@ pub struct SessionSummary {
     pub tarpitted: bool,
 }
 
+/// What the event log records about a transaction, gathered as it runs.
+#[derive(Debug, Default)]
+struct TxLog {
+    started: Option<Instant>,
+    recipients: Vec<RecipientResult>,
+    size: u64,
+    message_id: Option<String>,
+    subject: Option<String>,
+    score: f32,
+    mail_ms: u32,
+    rcpt_ms: u32,
+    data_ms: u32,
+    upstream_ms: u32,
+    /// The final reply to DATA (or the refusal that ended the transaction).
+    reply: Option<String>,
+    upstream_reply: Option<String>,
+}
+
+fn ms_since(t: Instant) -> u32 {
+    u32::try_from(t.elapsed().as_millis()).unwrap_or(u32::MAX)
+}
+
 /// One mail transaction, from MAIL to the end of DATA or RSET.
 #[derive(Debug)]
 struct Transaction {
@@ -95,6 +118,7 @@ struct Transaction {
     failed: Option<Reply>,
     /// Most significant refusal seen in this transaction, for the outcome category.
     refusal: Option<(Category, Option<&'static str>)>,
+    log: TxLog,
 }
 
 pub struct Session<S> {
@@ -131,6 +155,13 @@ pub struct Session<S> {
     failure_base: u64,
     /// Failures counted during this session.
     failures: u64,
+    /// Scores of the connect and HELO stages, carried into each transaction's score.
+    session_score: f32,
+    /// Transactions logged (the connection row's count must match).
+    tx_seq: u32,
+    bytes_in: u64,
+    bytes_out: u64,
+    connected_at: chrono::DateTime<chrono::Utc>,
     seen_command: bool,
     /// Discarding the rest of an over-long command line.
     discarding: bool,
@@ -167,6 +198,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             pending_replies: 0,
             failure_base: 0,
             failures: 0,
+            session_score: 0.0,
+            tx_seq: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            connected_at: chrono::Utc::now(),
             seen_command: false,
             discarding: false,
             summary: SessionSummary {
@@ -212,9 +248,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             up.quit().await;
         }
         // A transaction still open when the session ended was abandoned.
-        if self.tx.is_some() && matches!(result, Err(Stop::ClientGone | Stop::Timeout | Stop::Shutdown)) {
-            self.summary.outcome = Category::Aborted;
+        if self.tx.is_some() {
+            self.end_transaction(None, None);
         }
+        let ptr = match self.facts.ptr.get() {
+            Some(crate::policy::Ptr::Confirmed(n) | crate::policy::Ptr::Unconfirmed(n)) => Some(n.clone()),
+            _ => None,
+        };
+        self.snap.events.log_connection(ConnectionEvent {
+            session_id: self.info.id.clone(),
+            connect_time: self.connected_at,
+            end_time: chrono::Utc::now(),
+            client: self.info.peer,
+            proxied_by: self.info.proxied_by,
+            ptr,
+            helo: self.info.helo.clone(),
+            tls_version: self.info.tls.as_ref().map(|t| t.0.clone()),
+            tls_cipher: self.info.tls.as_ref().map(|t| t.1.clone()),
+            auth_user: self.info.authenticated.clone(),
+            transactions: self.tx_seq,
+            outcome: self.summary.outcome,
+            check: self.summary.check.map(str::to_string),
+            last_reply: self.summary.last_reply.clone(),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+        });
         let s = &self.summary;
         info!(
             session = %self.info.id,
@@ -240,6 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .run(&self.context(Stage::Connect, None, None, &self.session_exempt))
             .await;
         self.session_exempt.add(&decision.exempt);
+        self.session_score += decision.score;
         if let Some(refusal) = refusal_of(&decision.action) {
             if self.auth_possible() {
                 // Postfix's smtpd_delay_reject: a client that may still authenticate gets
@@ -432,6 +491,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tokio::time::sleep(delay * n).await;
         }
         self.pending_replies = 0;
+        self.bytes_out += self.wbuf.len() as u64;
         let timeout = self.snap.config.smtp.command_timeout;
         let result = tokio::time::timeout(timeout, self.io.write_all(&self.wbuf)).await;
         self.wbuf.clear();
@@ -467,7 +527,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             r = tokio::time::timeout(timeout, self.io.read_buf(&mut self.rbuf)) => match r {
                 Err(_) => Err(Stop::Timeout),
                 Ok(Ok(0)) | Ok(Err(_)) => Err(Stop::ClientGone),
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(n)) => {
+                    self.bytes_in += n as u64;
+                    Ok(())
+                }
             },
             () = wait_shutdown => Err(Stop::Shutdown),
         }
@@ -533,7 +596,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Helo(name) => self.handle_helo(name, false).await,
             Command::Ehlo(name) => self.handle_helo(name, true).await,
             Command::Mail { from, params } => self.handle_mail(from, params).await,
-            Command::Rcpt { to, params } => self.handle_rcpt(to, params).await,
+            Command::Rcpt { to, params } => {
+                let (started, address) = (Instant::now(), to.to_string());
+                let result = self.handle_rcpt(to, params).await;
+                // Each recipient and the reply it got, for the event log.
+                let reply = self.summary.last_reply.clone().unwrap_or_default();
+                if let Some(tx) = self.tx.as_mut()
+                    && tx.log.recipients.len() < 10_000
+                {
+                    tx.log.recipients.push(RecipientResult { address, reply });
+                    tx.log.rcpt_ms = tx.log.rcpt_ms.saturating_add(ms_since(started));
+                }
+                result
+            }
             Command::Data => self.handle_data().await,
             Command::Rset => {
                 self.abort_transaction();
@@ -836,6 +911,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .run(&self.context(Stage::Helo, None, None, &self.session_exempt))
             .await;
         self.session_exempt.add(&decision.exempt);
+        self.session_score += decision.score;
         if let Some(refusal) = refusal_of(&decision.action)
             && self.auth_possible()
         {
@@ -976,6 +1052,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Ok(mut h) = self.facts.headers.lock() {
             h.clear();
         }
+        if let Ok(mut r) = self.facts.results.lock() {
+            *r = Default::default();
+        }
+        let mail_started = Instant::now();
         self.tx = Some(Transaction {
             from,
             params,
@@ -988,6 +1068,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             upstream_dirty: false,
             failed: None,
             refusal: None,
+            log: TxLog {
+                started: Some(mail_started),
+                score: self.session_score,
+                ..TxLog::default()
+            },
         });
         let decision = self
             .snap
@@ -996,10 +1081,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await;
         if let Some(tx) = self.tx.as_mut() {
             tx.exempt.add(&decision.exempt);
+            tx.log.score += decision.score;
         }
         if let Some(refusal) = refusal_of(&decision.action) {
             let refusal = refusal.clone();
-            self.end_transaction(Some((refusal.category, decision.check)));
+            self.end_transaction(Some((refusal.category, decision.check)), Some(&refusal.reply));
             return self.error_reply(&refusal.reply);
         }
         // With a single upstream the route is known now: open the upstream transaction so
@@ -1010,11 +1096,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.reply(&reply.with_default_enhanced((1, 0)));
                 }
                 Ok(reply) => {
-                    self.end_transaction(Some((Category::Other, Some("upstream"))));
-                    return self.error_reply(&reply.with_default_enhanced((0, 0)));
+                    let reply = reply.with_default_enhanced((0, 0));
+                    self.end_transaction(Some((Category::Other, Some("upstream"))), Some(&reply));
+                    return self.error_reply(&reply);
                 }
                 Err(reply) => {
-                    self.end_transaction(Some((Category::UpstreamError, Some("upstream"))));
+                    self.end_transaction(Some((Category::UpstreamError, Some("upstream"))), Some(&reply));
                     return self.error_reply(&reply);
                 }
             }
@@ -1302,8 +1389,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .unwrap_or(0)
             .min(self.snap.config.smtp.max_message_size) as usize;
         self.reply(&Reply::build(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"));
+        let data_started = Instant::now();
         let (message, violation) = self.read_message(expected).await?;
-        self.summary.transactions += 1;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.log.size = message.len() as u64;
+            let (id, subject) = message_id_and_subject(&message, self.snap.config.events.log_subject);
+            tx.log.message_id = id;
+            tx.log.subject = subject;
+        }
 
         if let Some(v) = violation {
             let (reply, category) = match v {
@@ -1331,7 +1424,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Category::Other,
                 ),
             };
-            self.end_transaction(Some((category, Some("smtp"))));
+            self.end_transaction(Some((category, Some("smtp"))), Some(&reply));
             return self.error_reply(&reply);
         }
 
@@ -1340,9 +1433,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .pipeline
             .run(&self.context(Stage::Data, None, Some(&message), self.tx_exempt()))
             .await;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.log.score += decision.score;
+        }
         if let Some(refusal) = refusal_of(&decision.action) {
             let refusal = refusal.clone();
-            self.end_transaction(Some((refusal.category, decision.check)));
+            self.end_transaction(Some((refusal.category, decision.check)), Some(&refusal.reply));
             return self.error_reply(&refusal.reply);
         }
 
@@ -1360,7 +1456,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         codec::stuff_into(&message, &mut wire);
         drop(message);
 
+        let relay_started = Instant::now();
+        if let Some(tx) = self.tx.as_mut() {
+            tx.log.data_ms = ms_since(data_started);
+        }
         let reply = self.relay_message(&wire).await;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.log.upstream_ms = ms_since(relay_started);
+            tx.log.upstream_reply = Some(reply.summary());
+        }
         let (from, rcpts) = self
             .tx
             .as_ref()
@@ -1384,10 +1488,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Category::Other
         };
         info!(session = %self.info.id, client = %self.info.peer.ip(), from = %from, rcpts = %rcpts, size = wire.len(), outcome = %category, reply = %reply, "Message relayed.");
-        self.end_transaction(Some((
-            category,
-            (category != Category::Delivered).then_some("upstream"),
-        )));
+        self.end_transaction(
+            Some((category, (category != Category::Delivered).then_some("upstream"))),
+            Some(&reply),
+        );
         if reply.is_positive() {
             self.reply(&reply);
             return Ok(());
@@ -1573,27 +1677,96 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Client RSET/EHLO: forget the transaction; the upstream gets RSET lazily before the
-    /// next MAIL, which saves a round trip when the client quits instead.
+    /// next MAIL, which saves a round trip when the client quits instead. The transaction
+    /// is logged with the refusal it met (e.g. greylisted) or as aborted.
     fn abort_transaction(&mut self) {
-        if self.tx.take().is_some() {
-            self.summary.outcome = Category::Aborted;
+        if self.tx.is_some() {
+            self.end_transaction(None, None);
         }
     }
 
-    fn end_transaction(&mut self, outcome: Option<(Category, Option<&'static str>)>) {
-        let tx = self.tx.take();
-        let (category, check) = tx
-            .as_ref()
-            .and_then(|t| t.refusal)
-            .filter(|_| outcome.is_some_and(|(c, _)| c != Category::Delivered))
-            .or(outcome)
-            .unwrap_or((Category::Other, None));
+    /// Ends the transaction: its outcome (the most telling refusal it met, unless it was
+    /// delivered), the session's summary, and one row for the event log.
+    fn end_transaction(&mut self, outcome: Option<(Category, Option<&'static str>)>, reply: Option<&Reply>) {
+        let Some(tx) = self.tx.take() else { return };
+        let (category, check) = match outcome {
+            Some((Category::Delivered, check)) => (Category::Delivered, check),
+            Some(o) => tx.refusal.unwrap_or(o),
+            None => tx.refusal.unwrap_or((Category::Aborted, None)),
+        };
         // Delivered wins for the session; otherwise the latest outcome.
         if self.summary.outcome != Category::Delivered || category == Category::Delivered {
             self.summary.outcome = category;
             self.summary.check = check;
         }
+        self.summary.transactions += 1;
+        self.tx_seq += 1;
+        let results = self.facts.results.lock().map(|r| r.clone()).unwrap_or_default();
+        let log = tx.log;
+        let queue_id = log.upstream_reply.as_deref().and_then(queue_id);
+        let ms = |d: u32| d;
+        self.snap.events.log_transaction(TransactionEvent {
+            session_id: self.info.id.clone(),
+            seq: self.tx_seq,
+            time: chrono::Utc::now(),
+            client_ip: self.info.peer.ip(),
+            sender: tx.from.raw.clone(),
+            recipients: log.recipients,
+            size: log.size,
+            message_id: log.message_id,
+            subject: log.subject,
+            outcome: category,
+            check: check.map(str::to_string),
+            reply: reply.map(Reply::summary).or(log.reply),
+            upstream_reply: log.upstream_reply,
+            queue_id,
+            spf: results.spf,
+            dkim: results.dkim,
+            dmarc: results.dmarc,
+            score: log.score,
+            timings: Timings {
+                total_ms: log.started.map_or(0, ms_since),
+                mail_ms: ms(log.mail_ms),
+                rcpt_ms: log.rcpt_ms,
+                data_ms: log.data_ms,
+                upstream_ms: log.upstream_ms,
+            },
+        });
     }
+}
+
+/// The queue id in an upstream's final reply (`250 2.0.0 Ok: queued as 4XyZ1`).
+fn queue_id(reply: &str) -> Option<String> {
+    let rest = &reply[reply.find("queued as ")? + 10..];
+    let id: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
+/// Message-ID and (when logged) the decoded Subject, from the header section only.
+fn message_id_and_subject(message: &[u8], with_subject: bool) -> (Option<String>, Option<String>) {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.len(), |p| p + 4);
+    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(&message[..end.min(64 * 1024)]) else {
+        return (None, None);
+    };
+    let clip = |s: &str| {
+        s.chars()
+            .filter(|c| !c.is_control())
+            .take(998)
+            .collect::<String>()
+    };
+    let id = parsed.message_id().map(clip);
+    let subject = if with_subject {
+        parsed.subject().map(clip)
+    } else {
+        None
+    };
+    (id, subject)
 }
 
 fn refusal_of(action: &Action) -> Option<&Refusal> {

@@ -563,6 +563,8 @@ pub fn config(upstream: SocketAddr, smtp_extra: &str, extra: &str) -> Config {
         local = ["example.com", "example.org"]
         [store]
         backend = "memory"
+        [events]
+        url = ""
         [checks.reputation]
         enabled = false
         {extra}
