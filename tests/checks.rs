@@ -397,3 +397,38 @@ async fn lists_through_smtp() {
     assert!(c.closed().await);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn spf_pass_from_a_large_sender_skips_greylisting_and_spf_fail_is_refused() {
+    let dns = TestDns::start(
+        Records::new()
+            .txt("bigmail.example", "v=spf1 ip4:203.0.113.0/24 -all")
+            .txt("small.example", "v=spf1 ip4:203.0.113.0/24 -all")
+            .txt("strict.example", "v=spf1 ip4:192.0.2.1 -all"),
+    )
+    .await;
+    let sink = Sink::start().await;
+    let running = behind_proxy(
+        &sink,
+        &dns,
+        "[checks.greylist]\nenabled = true\nby_ptr_domain = false\nskip_spf_pass = [\"bigmail.example\"]",
+    )
+    .await;
+    let (mut c, _) = as_client(&running, "203.0.113.20").await;
+    c.cmd("EHLO mail.bigmail.example").await;
+    assert!(c.cmd("MAIL FROM:<news@bigmail.example>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.com>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.send(wire(MESSAGE)).await;
+    assert!(c.reply().await.starts_with("250"));
+    let header = String::from_utf8_lossy(&sink.deliveries()[0].data).into_owned();
+    assert!(header.contains("Received-SPF: pass"), "{header}");
+    // SPF passes for small.example too, but it is not on the list: greylisted.
+    c.cmd("MAIL FROM:<a@small.example>").await;
+    assert!(c.cmd("RCPT TO:<b@example.com>").await.starts_with("451 4.7.1"));
+    c.cmd("RSET").await;
+    // SPF fail: refused at MAIL with the RFC 7372 code.
+    let r = c.cmd("MAIL FROM:<a@strict.example>").await;
+    assert!(r.starts_with("550 5.7.23"), "{r}");
+    running.shutdown().await;
+}

@@ -56,6 +56,10 @@ pub struct GreylistConfig {
     pub by_ptr_domain: bool,
     /// `rcpt` (default) or `data`.
     pub at: GreylistAt,
+    /// Sender domains (and their sub-domains) never greylisted when SPF passed for them:
+    /// large senders whose retries come from other networks, e.g. `["google.com",
+    /// "outlook.com"]`. Needs `[checks.spf]`. Default none.
+    pub skip_spf_pass: Vec<String>,
 }
 
 impl Default for GreylistConfig {
@@ -69,6 +73,7 @@ impl Default for GreylistConfig {
             ipv6_prefix: 64,
             by_ptr_domain: true,
             at: GreylistAt::Rcpt,
+            skip_spf_pass: Vec::new(),
         }
     }
 }
@@ -213,6 +218,22 @@ impl GreylistCheck {
         Ok(Outcome::Pass)
     }
 
+    /// True when SPF passed for a sender domain listed in `skip_spf_pass`.
+    fn spf_vouched(&self, cx: &Context<'_>, sender: &Address) -> bool {
+        if self.config.skip_spf_pass.is_empty() {
+            return false;
+        }
+        let passed = cx.facts.results.lock().map(|r| r.spf == "pass").unwrap_or(false);
+        let Some(domain) = sender.domain_lower() else {
+            return false;
+        };
+        passed
+            && self.config.skip_spf_pass.iter().any(|d| {
+                let d = d.to_lowercase();
+                domain == d || domain.ends_with(&format!(".{d}"))
+            })
+    }
+
     fn refusal(&self, wait: Duration) -> Refusal {
         let minutes = wait.as_secs().div_ceil(60).max(1);
         Refusal {
@@ -246,6 +267,9 @@ impl Check for GreylistCheck {
             let Some(sender) = cx.sender else {
                 return Ok(Verdict::Skip);
             };
+            if self.spf_vouched(cx, sender) {
+                return Ok(Verdict::Skip);
+            }
             let client = self.client_key(cx.session.peer.ip(), cx.facts.ptr.get());
             match (cx.stage, self.config.at) {
                 (Stage::RcptAccepted, at) => {
