@@ -67,6 +67,8 @@ pub struct Snapshot {
     pub counters: Arc<Counters>,
     /// Per-client connection accounting, kept across reloads.
     pub limiter: Arc<crate::limits::ConnectionLimiter>,
+    /// Sessions in progress, kept across reloads.
+    pub live: Arc<crate::live::LiveSessions>,
     /// The DNSBL check, for its periodic RFC 5782 self-test.
     pub dnsbl: Option<Arc<DnsblCheck>>,
     /// Failure counting, tarpit and autoblacklist, when enabled.
@@ -232,6 +234,7 @@ impl Snapshot {
             listener_tls,
             counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
             limiter: previous.map(|p| p.limiter.clone()).unwrap_or_default(),
+            live: previous.map(|p| p.live.clone()).unwrap_or_default(),
             dnsbl,
             reputation: Some(reputation),
             events: shared.events.clone(),

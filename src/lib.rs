@@ -15,6 +15,7 @@
 //! - [`dns`]: the one resolver (config, lookups, reverse DNS with forward confirmation).
 //! - [`policy`]: stages, verdicts, the `Check` trait and the pipeline; one file per check.
 //! - [`limits`]: per-client connection accounting (concurrency, rate), sharded.
+//! - [`live`]: the registry of sessions in progress (admin status, console).
 //! - [`store`]: the state store (memory, SQLite, Redis) for greylisting, reputation, blocks.
 //! - [`events`]: event log to SQL (bounded queue, batching writer, retention) and the statistics.
 //! - [`devsink`]: a development upstream that stores mail as files (trying out, tests).
@@ -35,6 +36,7 @@ pub mod devsink;
 pub mod dns;
 pub mod events;
 pub mod limits;
+pub mod live;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod server;

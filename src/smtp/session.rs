@@ -21,6 +21,7 @@ use crate::app::{Counters, Phase, Snapshot};
 use crate::config::{AuthPolicy, BareLineEndPolicy};
 use crate::events::{ConnectionEvent, RecipientResult, Timings, TransactionEvent};
 use crate::limits::{Admission, Refused};
+use crate::live::LiveStage;
 use crate::policy::{
     Action, Category, Context, Exemptions, Refusal, SessionFacts, SessionInfo, Stage, Verdict,
 };
@@ -149,6 +150,8 @@ pub struct Session<S> {
     deferred: Option<(Refusal, Option<&'static str>)>,
     /// Delay before each reply when the client is tarpitted.
     tarpit: Option<Duration>,
+    /// This session's entry in the live-session registry (removed on drop).
+    live: crate::live::LiveGuard,
     /// Replies queued since the last flush (each costs one tarpit delay).
     pending_replies: u32,
     /// The client's failures in the reputation window when the session began.
@@ -176,6 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         listener: ListenerPolicy,
         shutdown: watch::Receiver<Phase>,
     ) -> Self {
+        let live = snap.live.register(&info.id, info.peer);
         Self {
             io: MaybeTls::Plain(io),
             listener,
@@ -195,6 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             rcpts_total: 0,
             deferred: None,
             tarpit: None,
+            live,
             pending_replies: 0,
             failure_base: 0,
             failures: 0,
@@ -462,6 +467,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(rep) = &self.snap.reputation {
             self.tarpit = Some(rep.config.tarpit_delay);
             self.summary.tarpitted = true;
+            self.live.entry.set_tarpitted();
             info!(session = %self.info.id, client = %self.info.peer.ip(), "Client tarpitted: every reply is delayed.");
         }
     }
@@ -591,6 +597,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let envelope = matches!(command, Command::Mail { .. } | Command::Rcpt { .. });
         if !envelope && line.len() + 2 > COMMAND_LINE_MAX {
             return self.error_reply(&Reply::build(500, "5.5.2", "Line too long"));
+        }
+        let stage = match &command {
+            Command::Helo(_) | Command::Ehlo(_) | Command::StartTls | Command::Auth(_) => {
+                Some(LiveStage::Helo)
+            }
+            Command::Mail { .. } => Some(LiveStage::Mail),
+            Command::Rcpt { .. } => Some(LiveStage::Rcpt),
+            Command::Data => Some(LiveStage::Data),
+            _ => None,
+        };
+        if let Some(stage) = stage {
+            self.live.entry.set_stage(stage);
         }
         match command {
             Command::Helo(name) => self.handle_helo(name, false).await,
@@ -1457,6 +1475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         drop(message);
 
         let relay_started = Instant::now();
+        self.live.entry.set_stage(LiveStage::Relay);
         if let Some(tx) = self.tx.as_mut() {
             tx.log.data_ms = ms_since(data_started);
         }
