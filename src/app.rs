@@ -22,6 +22,7 @@ use crate::policy::reputation::{BlockCheck, Reputation};
 use crate::policy::spf::SpfCheck;
 use crate::policy::traps::TrapsCheck;
 use crate::policy::{Check, Pipeline};
+use crate::service::AdminLists;
 use crate::store::{Clock, Store, SystemClock};
 use crate::upstream::Routes;
 
@@ -86,6 +87,7 @@ fn build_checks(
     previous: Option<&Snapshot>,
     shared: &Shared,
     reputation: &Arc<Reputation>,
+    admin_lists: &AdminLists,
 ) -> Result<BuiltChecks, Vec<String>> {
     let mut errors = Vec::new();
     // Blocks (autoblacklist, traps) come first among the I/O checks: a blocked client costs
@@ -114,8 +116,28 @@ fn build_checks(
         Ok(check) => checks.push(check),
         Err(e) => errors.extend(e),
     };
-    if !c.lists.whitelist.is_empty() || !c.lists.blacklist.is_empty() {
-        add(ListsCheck::build(&c.lists).map(|l| Arc::new(l) as Arc<dyn Check>));
+    if !c.lists.whitelist.is_empty()
+        || !c.lists.blacklist.is_empty()
+        || !admin_lists.white.is_empty()
+        || !admin_lists.black.is_empty()
+    {
+        // Entries added through the admin API live in the store; one that no longer parses
+        // (an older version wrote it) is skipped with a warning rather than block reloads.
+        let valid = |entries: &[String]| -> Vec<String> {
+            entries
+                .iter()
+                .filter(|e| match crate::policy::lists::parse_entry(e) {
+                    Ok(_) => true,
+                    Err(err) => {
+                        tracing::warn!(entry = %e, error = %err, "Admin list entry ignored.");
+                        false
+                    }
+                })
+                .cloned()
+                .collect()
+        };
+        let (white, black) = (valid(&admin_lists.white), valid(&admin_lists.black));
+        add(ListsCheck::with_extra(&c.lists, &white, &black).map(|l| Arc::new(l) as Arc<dyn Check>));
     }
     if c.helo.enabled {
         let mut names = vec![config.hostname()];
@@ -182,6 +204,7 @@ impl Snapshot {
         previous: Option<&Self>,
         extra_checks: &[Arc<dyn Check>],
         shared: &Shared,
+        admin_lists: &AdminLists,
     ) -> Result<Self, ConfigError> {
         let mut errors = Vec::new();
         let mut listener_tls = HashMap::new();
@@ -213,7 +236,7 @@ impl Snapshot {
             shared.store.clone(),
             shared.clock.clone(),
         ));
-        let built = build_checks(&config, &routes, previous, shared, &reputation);
+        let built = build_checks(&config, &routes, previous, shared, &reputation, admin_lists);
         let (mut checks, dnsbl) = match built {
             Ok(b) => b,
             Err(e) => {
@@ -260,6 +283,10 @@ pub struct App {
     shared: Shared,
     /// The event log's writer task, drained at shutdown.
     writer: std::sync::Mutex<Option<WriterHandle>>,
+    /// White/black list entries added through the admin API (kept in the store, so a
+    /// cluster shares them), as last read.
+    admin_lists: ArcSwap<AdminLists>,
+    reload_lock: std::sync::Mutex<()>,
     pub started: Instant,
 }
 
@@ -297,6 +324,7 @@ impl App {
             (log, Some(writer))
         };
         let app = Self::with_parts(config, extra_checks, Shared { store, clock, events })?;
+        app.refresh_admin_lists().await;
         if let Ok(mut w) = app.writer.lock() {
             *w = writer;
         }
@@ -313,12 +341,14 @@ impl App {
         shared: Shared,
     ) -> Result<Arc<Self>, ConfigError> {
         crate::tls::install_default_provider();
-        let snapshot = Snapshot::build(config, None, &extra_checks, &shared)?;
+        let snapshot = Snapshot::build(config, None, &extra_checks, &shared, &AdminLists::default())?;
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             phase: watch::Sender::new(Phase::Running),
             extra_checks,
             shared,
+            admin_lists: ArcSwap::from_pointee(AdminLists::default()),
+            reload_lock: std::sync::Mutex::new(()),
             writer: std::sync::Mutex::new(None),
             started: Instant::now(),
         }))
@@ -342,6 +372,7 @@ impl App {
                 clock,
                 events: EventLog::disabled(),
             },
+            &AdminLists::default(),
         )
         .map(|_| ())
     }
@@ -352,6 +383,27 @@ impl App {
 
     pub fn events(&self) -> &EventLog {
         &self.shared.events
+    }
+
+    /// Re-reads the admin-managed list entries from the store and rebuilds the checks when
+    /// they changed (called after an admin change and periodically, so every node of a
+    /// cluster follows).
+    pub async fn refresh_admin_lists(&self) {
+        let lists = match crate::service::admin_list_entries(self.shared.store.as_ref()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "Admin lists not refreshed.");
+                return;
+            }
+        };
+        if *self.admin_lists.load_full() == lists {
+            return;
+        }
+        self.admin_lists.store(Arc::new(lists));
+        let config = (*self.snapshot().config).clone();
+        if let Err(e) = self.reload(config) {
+            tracing::error!("Admin list change not applied: {e}");
+        }
     }
 
     /// Writes what the event log still holds, within `deadline` (after the sessions ended).
@@ -377,6 +429,9 @@ impl App {
     /// # Errors
     /// When a file cannot be loaded; the running configuration then stays.
     pub fn reload(&self, config: Config) -> Result<Vec<String>, ConfigError> {
+        // One reload at a time: a SIGHUP, an API reload and an admin-list refresh must not
+        // interleave and put an older configuration back.
+        let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.snapshot();
         let mut warnings = Vec::new();
         if old.config.listeners != config.listeners {
@@ -385,13 +440,17 @@ impl App {
         if old.config.devsink != config.devsink {
             warnings.push("devsink: changes take effect after a restart".to_string());
         }
+        if old.config.admin != config.admin {
+            warnings.push("admin: changes take effect after a restart".to_string());
+        }
         if old.config.events != config.events {
             warnings.push("events: database changes take effect after a restart".to_string());
         }
         if old.config.store != config.store {
             warnings.push("store: backend changes take effect after a restart".to_string());
         }
-        let new = Snapshot::build(config, Some(&old), &self.extra_checks, &self.shared)?;
+        let lists = self.admin_lists.load_full();
+        let new = Snapshot::build(config, Some(&old), &self.extra_checks, &self.shared, &lists)?;
         self.snapshot.store(Arc::new(new));
         Ok(warnings)
     }

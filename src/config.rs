@@ -37,6 +37,9 @@ pub struct Config {
     /// The event log (one row per connection and per transaction) and its database.
     #[serde(default)]
     pub events: crate::events::EventsConfig,
+    /// The web UI, JSON API, metrics and console.
+    #[serde(default)]
+    pub admin: crate::admin::AdminConfig,
     /// How check verdicts combine.
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -665,6 +668,7 @@ impl Config {
         errors_extra.extend(self.checks.dnsbl.validate("checks.dnsbl"));
         errors_extra.extend(self.store.validate("store"));
         errors_extra.extend(self.events.validate("events"));
+        errors_extra.extend(self.admin.validate("admin"));
         errors_extra.extend(self.checks.greylist.validate("checks.greylist"));
         errors_extra.extend(self.checks.reputation.validate("checks.reputation"));
         errors_extra.extend(self.checks.spf.validate("checks.spf"));
@@ -732,15 +736,17 @@ pub mod duration {
         let n: u64 = num
             .parse()
             .map_err(|_| format!("{s:?} is not a duration like \"30s\" or \"5m\""))?;
-        let secs = match unit.trim() {
+        let mult = match unit.trim() {
             "ms" => return Ok(Duration::from_millis(n)),
-            "" | "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86400,
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
             u => return Err(format!("unknown duration unit {u:?} (use ms, s, m, h or d)")),
         };
-        Ok(Duration::from_secs(secs))
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{s:?} is too long"))
     }
 
     pub fn format(d: &Duration) -> String {

@@ -18,6 +18,10 @@
 //! - [`live`]: the registry of sessions in progress (admin status, console).
 //! - [`store`]: the state store (memory, SQLite, Redis) for greylisting, reputation, blocks.
 //! - [`events`]: event log to SQL (bounded queue, batching writer, retention) and the statistics.
+//! - [`service`]: the one admin API (status, statistics, events, lists, greylist, blocks,
+//!   configuration, reload) that every admin front end calls.
+//! - [`admin`]: the admin front ends (web UI and JSON API, line console) and their auth.
+//! - [`metrics`]: every metric, exported in the OpenMetrics text format.
 //! - [`devsink`]: a development upstream that stores mail as files (trying out, tests).
 //! - [`tls`]: rustls server configs per listener and client configs per upstream.
 //! - [`stream`]: the byte streams sessions run over (STARTTLS upgrade, PROXY leftovers).
@@ -30,6 +34,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod devsink;
@@ -37,9 +42,11 @@ pub mod dns;
 pub mod events;
 pub mod limits;
 pub mod live;
+pub mod metrics;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod server;
+pub mod service;
 pub mod smtp;
 pub mod store;
 pub mod stream;

@@ -49,6 +49,8 @@ enum Cmd {
         #[arg(long, default_value = "10d")]
         since: String,
     },
+    /// Read a password on standard input and print its hash for `[admin] password_hash`.
+    HashPassword,
     /// Parse and validate a configuration file and load the files it names; exit 0 when it
     /// is usable, 1 otherwise.
     CheckConfig {
@@ -100,6 +102,28 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::HashPassword => {
+            let mut password = String::new();
+            if std::io::stdin().read_line(&mut password).is_err()
+                || password.trim_end_matches(['\r', '\n']).is_empty()
+            {
+                eprintln!("thassp hash-password: give the password on standard input");
+                return ExitCode::FAILURE;
+            }
+            match thassp::admin::hash_password(
+                password.trim_end_matches(['\r', '\n']),
+                thassp::admin::DEFAULT_ITERATIONS,
+            ) {
+                Ok(hash) => {
+                    println!("{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("thassp hash-password: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Stats { config, since } => {
             let result = Config::load(&config).map_err(|e| e.to_string()).and_then(|c| {
                 let since = thassp::config::duration::parse(&since).map_err(|e| format!("--since: {e}"))?;
@@ -151,6 +175,17 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let app = App::new(config).await?;
     let running = thassp::server::start(app.clone()).await?;
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin_config = app.snapshot().config.admin.clone();
+    let admin = thassp::admin::start(app.clone(), &admin_config, Some(path.clone()), admin_stop.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if let Some(addr) = admin.web_addr {
+        info!(address = %addr, "Admin web UI and API listening.");
+    }
+    if let Some(addr) = admin.console_addr {
+        info!(address = %addr, "Admin console listening.");
+    }
     info!(version = env!("CARGO_PKG_VERSION"), "thassp started.");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -165,6 +200,8 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     }
     info!("Shutting down: no new connections; sessions in flight may finish.");
     running.shutdown().await;
+    admin_stop.cancel();
+    admin.stopped().await;
     Ok(())
 }
 

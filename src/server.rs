@@ -72,8 +72,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
 
     let mut listeners = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
-        let listener = TcpListener::bind(&l.address)
-            .await
+        let listener = bind(&l.address)
             .with_context(|| format!("listener[{i}].address: cannot listen on {}", l.address))?;
         listeners.push((listener, l.address.clone()));
     }
@@ -218,6 +217,7 @@ impl Acceptor {
                 authenticated: None,
                 tls: None,
                 proxied_by: None,
+                health_check: false,
             };
             let span = info_span!("session", id = %info.id, client = %peer);
             let phase = self.app.phase();
@@ -287,13 +287,35 @@ async fn accept_proxy(
             }
         }
     };
-    if let proxy_protocol::Header::Proxy { source, destination } = header {
-        info.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
-        info.local = destination;
-        info.proxied_by = Some(balancer);
+    match header {
+        proxy_protocol::Header::Proxy { source, destination } => {
+            info.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
+            info.local = destination;
+            info.proxied_by = Some(balancer);
+        }
+        proxy_protocol::Header::Local => info.health_check = true,
     }
     let rest = Bytes::copy_from_slice(buf.get(consumed..).unwrap_or_default());
     Some((Prefixed::new(rest, stream), info))
+}
+
+/// Binds a listening socket. IPv6 sockets are IPv6-only, so `0.0.0.0:25` and `[::]:25` can
+/// both be listeners (Linux would otherwise give `[::]` the IPv4 addresses too, and the
+/// second bind fails with "address in use").
+fn bind(address: &str) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr: SocketAddr = address
+        .parse()
+        .with_context(|| format!("{address:?} is not ip:port"))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into())?)
 }
 
 async fn refuse_busy(mut stream: TcpStream, hostname: String) {
@@ -333,6 +355,7 @@ async fn probe_loop(app: Arc<App>, stop: CancellationToken) {
         .dnsbl
         .clone()
         .map(|d| (d, tokio::time::Instant::now()));
+    let mut last_lists = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -361,6 +384,11 @@ async fn probe_loop(app: Arc<App>, stop: CancellationToken) {
         }
         if let Some(d) = dnsbl {
             tested = Some((d, tokio::time::Instant::now()));
+        }
+        // Admin list changes made on other nodes of a cluster.
+        if last_lists.elapsed() >= Duration::from_secs(15) {
+            app.refresh_admin_lists().await;
+            last_lists = tokio::time::Instant::now();
         }
     }
 }

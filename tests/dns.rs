@@ -27,6 +27,7 @@ fn session(ip: &str) -> SessionInfo {
         authenticated: None,
         tls: None,
         proxied_by: None,
+        health_check: false,
     }
 }
 

@@ -11,6 +11,21 @@ use thassp::config::Config;
 use thassp::events::{EventQuery, Stats};
 use thassp::policy::Category;
 
+/// Every client presents the same public address through the PROXY header: the checks skip
+/// internal addresses, and the trap's block must hit the next connection.
+async fn connect(addr: std::net::SocketAddr) -> Client {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.50 192.0.2.1 40000 25\r\n").await.unwrap();
+    Client::over(tcp)
+}
+
+async fn greeted(addr: std::net::SocketAddr) -> Client {
+    let mut c = connect(addr).await;
+    assert!(c.reply().await.starts_with("220 "));
+    c
+}
+
 #[tokio::test]
 async fn sessions_become_rows_in_exactly_one_category() {
     let dir = tempfile::tempdir().unwrap();
@@ -23,6 +38,8 @@ async fn sessions_become_rows_in_exactly_one_category() {
         shutdown_grace = "2s"
         [[listener]]
         address = "127.0.0.1:0"
+        proxy_protocol = true
+        proxy_trusted = ["127.0.0.0/8"]
         [smtp]
         max_errors = 50
         max_message_size = "4KiB"
@@ -37,6 +54,8 @@ async fn sessions_become_rows_in_exactly_one_category() {
         flush_interval = "100ms"
         [checks.reputation]
         enabled = false
+        [checks.spf]
+        enabled = false
         [checks.traps]
         local_parts = ["spamtrap"]
         [[checks.lists.blacklist]]
@@ -48,7 +67,7 @@ async fn sessions_become_rows_in_exactly_one_category() {
     let addr = running.smtp_addrs[0];
 
     // 1. delivered
-    let mut c = Client::greeted(addr).await;
+    let mut c = greeted(addr).await;
     assert!(
         c.send_mail("a@sender.example", &["b@example.com"], &wire(MESSAGE))
             .await
@@ -70,7 +89,7 @@ async fn sessions_become_rows_in_exactly_one_category() {
     );
     c.cmd("QUIT").await;
     // 4. blacklisted sender
-    let mut c = Client::greeted(addr).await;
+    let mut c = greeted(addr).await;
     c.cmd("EHLO client.example.net").await;
     assert!(
         c.cmd("MAIL FROM:<x@spammer.example>")
@@ -95,11 +114,11 @@ async fn sessions_become_rows_in_exactly_one_category() {
     c.cmd("RCPT TO:<b@example.com>").await;
     drop(c);
     // 7. invalid HELO, then gone (a connection without transactions)
-    let mut c = Client::greeted(addr).await;
+    let mut c = greeted(addr).await;
     assert!(c.cmd("EHLO justaname").await.starts_with("504 5.5.2"));
     c.cmd("QUIT").await;
     // 8. spam trap (then the client is blocked: 9. connection refused)
-    let mut c = Client::greeted(addr).await;
+    let mut c = greeted(addr).await;
     c.cmd("EHLO client.example.net").await;
     c.cmd("MAIL FROM:<bot@sender.example>").await;
     assert!(
@@ -108,7 +127,7 @@ async fn sessions_become_rows_in_exactly_one_category() {
             .starts_with("550 5.1.1")
     );
     c.cmd("QUIT").await;
-    let mut c = Client::connect(addr).await;
+    let mut c = connect(addr).await;
     assert!(c.reply().await.starts_with("554 5.7.1"));
     assert!(c.closed().await);
     // Let the server see every session end before stopping it.
@@ -156,7 +175,7 @@ async fn sessions_become_rows_in_exactly_one_category() {
     assert_eq!(delivered.message_id.as_deref(), Some("1@example.net"));
     assert_eq!(delivered.subject.as_deref(), Some("test"));
     assert_eq!(delivered.queue_id.as_deref(), Some("SINK1"));
-    assert_eq!(delivered.recipients[0].address, "<b@example.com>");
+    assert_eq!(delivered.recipients[0].address, "b@example.com");
     assert!(delivered.recipients[0].reply.starts_with("250"));
 
     // The classic table: the same nine attempts, percentages adding up to 100.

@@ -805,3 +805,39 @@ async fn connection_cap_answers_421() {
     let _d = Client::greeted(addr).await;
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn ipv4_and_ipv6_wildcards_on_the_same_port() {
+    let sink = Sink::start().await;
+    // A free port (bound and released at once; nothing else here races for it).
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        r#"
+        [server]
+        hostname = "mx.thassp.test"
+        [[listener]]
+        address = "0.0.0.0:{port}"
+        [[listener]]
+        address = "[::]:{port}"
+        [upstream.main]
+        address = "{}"
+        [domains]
+        local = ["example.com"]
+        [store]
+        backend = "memory"
+        [events]
+        url = ""
+        "#,
+        sink.addr
+    );
+    let running = start(Config::from_toml(&text, "t").unwrap()).await;
+    assert_eq!(running.smtp_addrs.len(), 2);
+    let v4 = Client::greeted(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let v6 = Client::greeted(format!("[::1]:{port}").parse().unwrap()).await;
+    drop((v4, v6));
+    running.shutdown().await;
+}

@@ -570,6 +570,7 @@ mod tests {
             authenticated: None,
             tls: None,
             proxied_by: None,
+            health_check: false,
         }
     }
 

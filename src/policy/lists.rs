@@ -985,6 +985,7 @@ mod tests {
             authenticated: None,
             tls: None,
             proxied_by: None,
+            health_check: false,
         }
     }
 

@@ -2,6 +2,8 @@
 //! the `Pipeline` that runs a stage's checks in order and turns verdicts into one decision.
 //! Checks only look at the `Context`; they never write to the client or the upstream.
 
+pub mod attachments;
+pub mod content;
 pub mod dnsbl;
 pub mod greylist;
 pub mod helo;
@@ -303,6 +305,8 @@ pub struct SessionInfo {
     pub tls: Option<(String, String)>,
     /// The load balancer's address when the peer came through PROXY protocol.
     pub proxied_by: Option<SocketAddr>,
+    /// A PROXY v2 LOCAL connection: the balancer checking we are alive.
+    pub health_check: bool,
 }
 
 /// Everything a check may look at for one decision.
@@ -605,6 +609,7 @@ mod tests {
             authenticated: None,
             tls: None,
             proxied_by: None,
+            health_check: false,
         }
     }
 

@@ -1927,6 +1927,7 @@ mod tests {
             authenticated: None,
             tls: None,
             proxied_by: None,
+            health_check: false,
         }
     }
 

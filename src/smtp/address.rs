@@ -184,7 +184,9 @@ fn parse_mailbox(content: &str) -> Result<Address, AddressError> {
             '\\' if in_quote => escaped = true,
             '"' => in_quote = !in_quote,
             '@' if !in_quote => last_at = Some(i),
-            ' ' | '\t' if !in_quote => return Err(AddressError::BadCharacter),
+            // Angle brackets outside quotes (possible in a bare, unbracketed address) would
+            // change where the path ends once thassp relays it as `<raw>`.
+            ' ' | '\t' | '<' | '>' if !in_quote => return Err(AddressError::BadCharacter),
             _ => {}
         }
     }
@@ -248,6 +250,8 @@ mod tests {
         assert_eq!(parse_path("<\"a@b>"), Err(AddressError::UnterminatedQuote));
         assert_eq!(parse_path("<a b@c>"), Err(AddressError::BadCharacter));
         assert_eq!(parse_path("<a@b>x"), Err(AddressError::TrailingGarbage));
+        // Found by fuzzing: relayed as `<a>b@c.example>` it would end early upstream.
+        assert_eq!(parse_path("a>b@c.example"), Err(AddressError::BadCharacter));
         let long = format!("<{}@example.com>", "a".repeat(65));
         assert_eq!(parse_path(&long), Err(AddressError::TooLong));
         // A quoted '>' does not end the path.

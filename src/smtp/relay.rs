@@ -33,10 +33,13 @@ pub struct ClientIdentity {
 impl ClientIdentity {
     /// `ATTR=value` pairs for the attributes the MTA offers, values in xtext (RFC 3461).
     fn attributes(&self, offered: &[String], xforward: bool) -> Vec<String> {
-        let addr = match self.addr {
+        // Postfix wants IPv6 addresses tagged, and an IPv4 client seen on a dual-stack
+        // socket (::ffff:a.b.c.d) as plain IPv4.
+        let tagged = |ip: IpAddr| match ip.to_canonical() {
             IpAddr::V4(a) => a.to_string(),
             IpAddr::V6(a) => format!("IPV6:{a}"),
         };
+        let addr = tagged(self.addr);
         let mut out = Vec::new();
         for attr in offered {
             let value = match attr.as_str() {
@@ -48,7 +51,7 @@ impl ClientIdentity {
                     None => continue,
                 },
                 "PROTO" => if self.esmtp { "ESMTP" } else { "SMTP" }.to_string(),
-                "DESTADDR" if !xforward => self.local.ip().to_string(),
+                "DESTADDR" if !xforward => tagged(self.local.ip()),
                 "DESTPORT" if !xforward => self.local.port().to_string(),
                 "SOURCE" if xforward => "REMOTE".to_string(),
                 _ => continue,
@@ -225,13 +228,18 @@ impl UpstreamConn {
     }
 
     async fn ehlo(&mut self) -> Result<(), RelayError> {
-        let ehlo = format!("EHLO {}\r\n", self.upstream.helo_name);
+        let name = self.upstream.helo_name.clone();
+        self.ehlo_as(&name).await
+    }
+
+    async fn ehlo_as(&mut self, name: &str) -> Result<(), RelayError> {
+        let ehlo = format!("EHLO {name}\r\n");
         let reply = self.command(ehlo.as_bytes(), "EHLO").await?;
         if reply.code == 250 {
             self.caps = Capabilities::from_ehlo(&reply);
             return Ok(());
         }
-        let helo = format!("HELO {}\r\n", self.upstream.helo_name);
+        let helo = format!("HELO {name}\r\n");
         let reply = self.command(helo.as_bytes(), "HELO").await?;
         if reply.code != 250 {
             self.broken = true;
@@ -319,7 +327,24 @@ impl UpstreamConn {
             return Ok(());
         }
         self.xclient_done = true;
-        self.ehlo().await
+        // After XCLIENT the MTA takes the next EHLO as the client's own (Postfix's
+        // XCLIENT_README does the same): say the client's name so its HELO is what gets
+        // logged and checked, and fall back to ours if the MTA refuses that name.
+        match client
+            .helo
+            .as_deref()
+            .filter(|h| crate::smtp::address::is_hostname(h) || h.starts_with('['))
+        {
+            Some(helo) => match self.ehlo_as(helo).await {
+                Err(RelayError::Refused { .. }) => {
+                    // A refused EHLO/HELO leaves the connection usable.
+                    self.broken = false;
+                    self.ehlo().await
+                }
+                other => other,
+            },
+            None => self.ehlo().await,
+        }
     }
 
     /// XFORWARD before a transaction, when XCLIENT is not available.

@@ -256,6 +256,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.tx.is_some() {
             self.end_transaction(None, None);
         }
+        // A load balancer's health check (PROXY v2 LOCAL, nothing said) is no mail attempt.
+        if self.info.health_check && !self.seen_command {
+            return self.finish_quietly(result);
+        }
         let ptr = match self.facts.ptr.get() {
             Some(crate::policy::Ptr::Confirmed(n) | crate::policy::Ptr::Unconfirmed(n)) => Some(n.clone()),
             _ => None,
@@ -393,6 +397,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.seen_command = true;
             self.handle_line(&line).await?;
         }
+    }
+
+    fn finish_quietly(self, _result: Result<(), Stop>) -> SessionSummary {
+        debug!(session = %self.info.id, "Health check from the load balancer.");
+        self.summary
     }
 
     fn pregreet_active(&self) -> bool {
@@ -615,7 +624,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::Ehlo(name) => self.handle_helo(name, true).await,
             Command::Mail { from, params } => self.handle_mail(from, params).await,
             Command::Rcpt { to, params } => {
-                let (started, address) = (Instant::now(), to.to_string());
+                // Stored bare, like the sender, so a search by recipient finds it.
+                let (started, address) = (Instant::now(), to.raw.clone());
                 let result = self.handle_rcpt(to, params).await;
                 // Each recipient and the reply it got, for the event log.
                 let reply = self.summary.last_reply.clone().unwrap_or_default();

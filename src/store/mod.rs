@@ -259,9 +259,9 @@ impl StoreConfig {
             errors.push(format!("{key}.path: must not be empty"));
         }
         if let Err(e) = ::redis::Client::open(self.redis_url.as_str()) {
+            // The URL may carry a password: never echo it.
             errors.push(format!(
-                "{key}.redis_url: {:?} is not a usable Redis URL: {e}",
-                self.redis_url
+                "{key}.redis_url: not a usable Redis URL (redis://[user:password@]host:port/db): {e}"
             ));
         }
         if self.redis_prefix.len() > 64 || self.redis_prefix.chars().any(|c| c.is_control() || c == ' ') {
