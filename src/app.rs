@@ -12,6 +12,8 @@ use tokio::sync::watch;
 use crate::config::{Config, ConfigError};
 use crate::dns::Resolver;
 use crate::events::{EventLog, WriterHandle};
+use crate::policy::attachments::AttachmentsCheck;
+use crate::policy::content::ContentCheck;
 use crate::policy::dnsbl::DnsblCheck;
 use crate::policy::greylist::GreylistCheck;
 use crate::policy::helo::HeloCheck;
@@ -150,6 +152,12 @@ fn build_checks(
             .filter(|ip| !ip.is_unspecified())
             .collect();
         add(HeloCheck::build(&c.helo, names, ips, resolver.clone()).map(|h| Arc::new(h) as Arc<dyn Check>));
+    }
+    if !c.content.is_empty() {
+        add(ContentCheck::build(&c.content).map(|x| Arc::new(x) as Arc<dyn Check>));
+    }
+    if c.attachments.enabled {
+        add(AttachmentsCheck::build(&c.attachments).map(|x| Arc::new(x) as Arc<dyn Check>));
     }
     let mut dnsbl = None;
     if let Some(resolver) = &resolver {

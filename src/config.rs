@@ -59,6 +59,11 @@ pub struct PolicyConfig {
     /// A stage whose `score:N` verdicts add up to this is refused (with the reply of the
     /// check that scored most). 0 = scores never refuse. Default 5.
     pub score_limit: f32,
+    /// A message whose scores from every stage (connect, HELO, MAIL, RCPT, DATA) add up
+    /// to this is refused after DATA. 0 = off. Default 8.
+    pub message_score_limit: f32,
+    /// Add `X-Thassp-Score: N (check=points, …)` to relayed mail with a score. Default true.
+    pub score_header: bool,
 }
 
 impl Default for PolicyConfig {
@@ -66,6 +71,8 @@ impl Default for PolicyConfig {
         Self {
             on_error: crate::policy::OnError::TempFail,
             score_limit: 5.0,
+            message_score_limit: 8.0,
+            score_header: true,
         }
     }
 }
@@ -84,6 +91,8 @@ pub struct ChecksConfig {
     pub reputation: crate::policy::reputation::ReputationConfig,
     pub traps: crate::policy::traps::TrapsConfig,
     pub spf: crate::policy::spf::SpfConfig,
+    pub content: crate::policy::content::ContentConfig,
+    pub attachments: crate::policy::attachments::AttachmentsConfig,
 }
 
 /// `[checks.pregreet]`: early talkers. Before the banner thassp sends a `220-` line and
@@ -672,6 +681,8 @@ impl Config {
         errors_extra.extend(self.checks.greylist.validate("checks.greylist"));
         errors_extra.extend(self.checks.reputation.validate("checks.reputation"));
         errors_extra.extend(self.checks.spf.validate("checks.spf"));
+        errors_extra.extend(self.checks.content.validate());
+        errors_extra.extend(self.checks.attachments.validate());
         if self.checks.pregreet.enabled
             && (self.checks.pregreet.wait.is_zero() || self.checks.pregreet.wait > Duration::from_secs(60))
         {

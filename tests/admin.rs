@@ -839,7 +839,10 @@ async fn config_view_redacts_and_reload_keeps_the_old_config_on_errors() {
     let report = r.json();
     assert_eq!(report["reloaded"], false);
     let why = report["errors"][0].as_str().unwrap();
-    assert!(why.contains("store.redis_url") && !why.contains("hunter2"), "{why}");
+    assert!(
+        why.contains("store.redis_url") && !why.contains("hunter2"),
+        "{why}"
+    );
     assert_eq!(
         get(a.web, "/api/status").await.json()["hostname"],
         "one.thassp.test"

@@ -432,3 +432,44 @@ async fn spf_pass_from_a_large_sender_skips_greylisting_and_spf_fail_is_refused(
     assert!(r.starts_with("550 5.7.23"), "{r}");
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn content_rules_attachments_and_message_score_through_smtp() {
+    let sink = Sink::start().await;
+    let running = start(config(
+        sink.addr,
+        "",
+        r#"
+        [[checks.content.rules]]
+        name = "lottery"
+        where = "subject"
+        pattern = "/you (have )?won/i"
+        [[checks.content.rules]]
+        name = "pharma"
+        where = "body"
+        pattern = "/cheap pills/i"
+        action = "score:9"
+        "#,
+    ))
+    .await;
+    let addr = running.smtp_addrs[0];
+    let send = async |msg: &[u8]| {
+        let mut c = Client::greeted(addr).await;
+        c.send_mail("a@example.net", &["b@example.com"], &wire(msg)).await
+    };
+    let r = send(b"Subject: =?UTF-8?B?WW91IGhhdmUgV09O?= a prize\r\n\r\nhello\r\n").await;
+    assert_eq!(r, "550 5.7.1 Message refused by content rule lottery\r\n");
+    // A score:9 rule alone crosses the stage's score limit (5).
+    let r = send(b"Subject: offer\r\n\r\nCheap pills here\r\n").await;
+    assert_eq!(
+        r,
+        "550 5.7.1 Message refused by content rule pharma (score 9.0 of 5.0)\r\n"
+    );
+    let exe = b"Subject: invoice\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\nContent-Type: application/octet-stream; name=\"invoice.pdf.exe\"\r\nContent-Disposition: attachment; filename=\"invoice.pdf.exe\"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n--b--\r\n";
+    let r = send(exe).await;
+    assert!(r.starts_with("552 5.7.1 Message refused: attachment"), "{r}");
+    assert!(sink.deliveries().is_empty());
+    let r = send(b"Subject: hello\r\n\r\nNothing to see.\r\n").await;
+    assert!(r.starts_with("250"), "{r}");
+    running.shutdown().await;
+}

@@ -246,7 +246,7 @@ fn is_unscannable(findings: &[Finding]) -> bool {
 
 #[test]
 fn subject_is_decoded_from_encoded_words() {
-    let m = fixture("encoded-subject.eml");
+    let m = fixture("encoded-subject.mime");
     assert!(matches("subject", "/v1agra für alle/i", &m));
     assert!(matches("subject", "/^Billige Pillen:/", &m));
     // The encoded form is not what subject rules see, but raw_headers do.
@@ -256,13 +256,13 @@ fn subject_is_decoded_from_encoded_words() {
     assert!(matches(
         "subject",
         "/^Grüße aus München$/",
-        &fixture("qp-latin1.eml")
+        &fixture("qp-latin1.mime")
     ));
 }
 
 #[test]
 fn named_header_and_any_header() {
-    let m = fixture("encoded-subject.eml");
+    let m = fixture("encoded-subject.mime");
     assert!(matches("header:X-Mailer", "/^bulkmailer pro/i", &m));
     assert!(matches("header:x-mailer", "/^BulkMailer/", &m));
     assert!(!matches("header:X-Other", "/./", &m));
@@ -286,12 +286,12 @@ fn named_header_and_any_header() {
 fn missing_subject_is_matched_as_empty() {
     let m = b"From: a@example.net\r\nTo: b@example.com\r\n\r\nhi\r\n";
     assert!(matches("subject", r"/^\s*$/", m));
-    assert!(!matches("subject", r"/^\s*$/", &fixture("encoded-subject.eml")));
+    assert!(!matches("subject", r"/^\s*$/", &fixture("encoded-subject.mime")));
 }
 
 #[test]
 fn quoted_printable_latin1_body() {
-    let m = fixture("qp-latin1.eml");
+    let m = fixture("qp-latin1.mime");
     assert!(matches("body", "/Schöne Grüße, Ihr Konto wurde gesperrt/", &m));
     // The soft line break is gone.
     assert!(matches("body", "/bestätigen Sie Ihre Daten/", &m));
@@ -300,13 +300,13 @@ fn quoted_printable_latin1_body() {
 
 #[test]
 fn base64_windows_1252_body() {
-    let m = fixture("base64-cp1252.eml");
+    let m = fixture("base64-cp1252.mime");
     assert!(matches("body", "/1000 € „jetzt“!/", &m));
 }
 
 #[test]
 fn html_part_is_matched_as_markup_and_text_part_too() {
-    let m = fixture("alternative.eml");
+    let m = fixture("alternative.mime");
     assert!(matches("body", r#"/href="http:\/\/phish\.example\/login"/"#, &m));
     assert!(matches("body", "/Please log in to confirm your account/", &m));
     // A bare pattern may contain slashes.
@@ -315,7 +315,7 @@ fn html_part_is_matched_as_markup_and_text_part_too() {
 
 #[test]
 fn attached_message_text_is_scanned() {
-    let m = fixture("nested-rfc822.eml");
+    let m = fixture("nested-rfc822.mime");
     assert!(matches("body", "/you won € 1\\.000\\.000/", &m));
     // Its headers are not header targets of the outer message.
     assert!(!matches("headers", "/someone@example.org/", &m));
@@ -339,7 +339,7 @@ fn flags_i_m_s_x() {
 
 #[test]
 fn look_around_and_back_references() {
-    let m = fixture("encoded-subject.eml");
+    let m = fixture("encoded-subject.mime");
     assert!(matches("subject", "/^(?=.*pillen)(?=.*v1agra)/i", &m));
     assert!(!matches("subject", "/^(?=.*pillen)(?=.*cialis)/i", &m));
     assert!(matches("subject", "/(?<!cheap )V1agra/", &m));
@@ -427,7 +427,7 @@ fn redos_against_a_back_reference_rule_is_bounded() {
 
 #[test]
 fn first_deciding_rule_wins_scores_add_monitor_never_acts() {
-    let m = fixture("encoded-subject.eml");
+    let m = fixture("encoded-subject.mime");
     let all = vec![
         rule("watch", "subject", "/pillen/i", "monitor"),
         rule("pills-score", "subject", "/v1agra/i", "score:2"),
@@ -496,13 +496,13 @@ fn first_deciding_rule_wins_scores_add_monitor_never_acts() {
 fn custom_reply_and_matched_text_never_echoed() {
     let mut r = rule("pills", "subject", "/v1agra/i", "reject");
     r.reply = Some("We do not accept this kind of offer".into());
-    let o = content(vec![r]).evaluate(&fixture("encoded-subject.eml"));
+    let o = content(vec![r]).evaluate(&fixture("encoded-subject.mime"));
     assert_eq!(
         reply(&o.verdict),
         "550 5.7.1 We do not accept this kind of offer\r\n"
     );
     let o = content(vec![rule("pills", "subject", "/v1agra/i", "reject")])
-        .evaluate(&fixture("encoded-subject.eml"));
+        .evaluate(&fixture("encoded-subject.mime"));
     let text = reply(&o.verdict);
     assert_eq!(text, "550 5.7.1 Message refused by content rule pills\r\n");
     assert!(!text.to_lowercase().contains("v1agra"));
@@ -554,13 +554,13 @@ fn rule_files_config_toml_and_keyed_errors() {
     assert_eq!(config.max_scan_bytes, 1 << 20);
     let check = ContentCheck::build(&config).unwrap();
     assert_eq!(check.len(), 4);
-    let o = check.evaluate(&fixture("encoded-subject.eml"));
+    let o = check.evaluate(&fixture("encoded-subject.mime"));
     assert_eq!(o.matched, ["pills", "mailer"]);
     assert_eq!(
         reply(&o.verdict),
         "550 5.7.1 Message refused by content rule pills\r\n"
     );
-    let o = check.evaluate(&fixture("alternative.eml"));
+    let o = check.evaluate(&fixture("alternative.mime"));
     assert_eq!(reply(&o.verdict), "450 4.7.1 Try again later\r\n");
 
     // Errors: keyed by rule and field, or by file and line.
@@ -629,7 +629,7 @@ fn shipped_rule_file_example_builds() {
     let check = ContentCheck::build(&config).unwrap_or_else(|e| panic!("{e:#?}"));
     assert!(check.len() >= 5);
     // Innocent mail passes it.
-    for f in ["innocent.eml", "qp-latin1.eml", "alternative.eml"] {
+    for f in ["innocent.mime", "qp-latin1.mime", "alternative.mime"] {
         assert_eq!(check.evaluate(&fixture(f)).verdict, Verdict::Pass, "{f}");
     }
 }
@@ -637,7 +637,7 @@ fn shipped_rule_file_example_builds() {
 #[tokio::test]
 async fn content_check_runs_at_data_only_and_skips_authenticated_sessions() {
     let check = content(vec![rule("pills", "subject", "/v1agra/i", "reject")]);
-    let m = fixture("encoded-subject.eml");
+    let m = fixture("encoded-subject.mime");
     assert_eq!(check.stages(), [Stage::Data]);
     assert!(matches!(
         run_check(&check, Stage::Data, &m, false).await,
@@ -764,18 +764,18 @@ fn deep_nesting_and_part_floods_are_unscannable() {
 #[test]
 fn attachment_corpus() {
     let cases: &[(&str, Option<&str>)] = &[
-        ("mixed-double-extension.eml", Some("exe")),
-        ("rfc2231-name.eml", Some("exe")),
-        ("rfc2231-continuation.eml", Some("scr")),
-        ("rfc2047-name.eml", Some("js")),
-        ("trailing-dots.eml", Some("exe")),
-        ("name-mismatch.eml", Some("vbs")),
-        ("nested-rfc822.eml", Some("vbs")),
-        ("innocent.eml", None),
-        ("alternative.eml", None),
-        ("encoded-subject.eml", None),
-        ("qp-latin1.eml", None),
-        ("base64-cp1252.eml", None),
+        ("mixed-double-extension.mime", Some("exe")),
+        ("rfc2231-name.mime", Some("exe")),
+        ("rfc2231-continuation.mime", Some("scr")),
+        ("rfc2047-name.mime", Some("js")),
+        ("trailing-dots.mime", Some("exe")),
+        ("name-mismatch.mime", Some("vbs")),
+        ("nested-rfc822.mime", Some("vbs")),
+        ("innocent.mime", None),
+        ("alternative.mime", None),
+        ("encoded-subject.mime", None),
+        ("qp-latin1.mime", None),
+        ("base64-cp1252.mime", None),
     ];
     for (file, ext) in cases {
         let (findings, verdict) = inspect(&fixture(file));
@@ -794,17 +794,17 @@ fn attachment_corpus() {
         }
     }
     // Decoded names, as logged.
-    let (f, _) = inspect(&fixture("rfc2231-name.eml"));
+    let (f, _) = inspect(&fixture("rfc2231-name.mime"));
     assert!(
         matches!(&f[0], Finding::Extension { name, .. } if name == "résumé.pdf.exe"),
         "{f:?}"
     );
-    let (f, _) = inspect(&fixture("rfc2231-continuation.eml"));
+    let (f, _) = inspect(&fixture("rfc2231-continuation.mime"));
     assert!(
         matches!(&f[0], Finding::Extension { name, .. } if name == "rechnung 2024.pdf.scr"),
         "{f:?}"
     );
-    let (f, _) = inspect(&fixture("rfc2047-name.eml"));
+    let (f, _) = inspect(&fixture("rfc2047-name.mime"));
     assert!(
         matches!(&f[0], Finding::Extension { name, .. } if name == "facture.js"),
         "{f:?}"
@@ -813,7 +813,7 @@ fn attachment_corpus() {
 
 #[test]
 fn declared_mime_type() {
-    let (f, v) = inspect(&fixture("mime-type.eml"));
+    let (f, v) = inspect(&fixture("mime-type.mime"));
     assert!(
         matches!(&f[..], [Finding::MimeType { mime_type, .. }] if mime_type == "application/x-msdownload"),
         "{f:?}"
@@ -826,7 +826,7 @@ fn declared_mime_type() {
         blocked_mime_types: vec!["application/*".into()],
         ..AttachmentsConfig::default()
     })
-    .inspect(&fixture("innocent.eml"));
+    .inspect(&fixture("innocent.mime"));
     assert!(
         matches!(&o.findings[..], [Finding::MimeType { mime_type, .. }] if mime_type == "application/*"),
         "{o:?}"
@@ -878,7 +878,7 @@ fn defaults_cover_the_common_list() {
     assert_eq!(c.unscannable, Some(CheckAction::Score(3.0)));
     assert_eq!(c.max_nested_size, 1 << 20);
     let (_, v) = {
-        let o = attachments(c).inspect(&fixture("mixed-double-extension.eml"));
+        let o = attachments(c).inspect(&fixture("mixed-double-extension.mime"));
         (o.findings, o.verdict)
     };
     assert_eq!(
@@ -987,7 +987,7 @@ fn allow_list_overrides() {
     assert_eq!(allow(&["exe"]).inspect(&exe).verdict, Verdict::Pass);
     assert_eq!(
         allow(&[".EXE"])
-            .inspect(&fixture("mixed-double-extension.eml"))
+            .inspect(&fixture("mixed-double-extension.mime"))
             .verdict,
         Verdict::Pass
     );
@@ -995,7 +995,7 @@ fn allow_list_overrides() {
     let o = allow(&["pdf"]).inspect(&with_attachment("report.pdf", "application/pdf", &pe()));
     assert!(matches!(&o.findings[..], [Finding::Executable { .. }]), "{o:?}");
     // Nor does it save a double extension whose last one is blocked.
-    let o = allow(&["pdf"]).inspect(&fixture("mixed-double-extension.eml"));
+    let o = allow(&["pdf"]).inspect(&fixture("mixed-double-extension.mime"));
     assert_eq!(extension_of(&o.findings), Some("exe"));
     // Disk images, blocked by default, allowed.
     let iso = with_attachment("install.iso", "application/octet-stream", b"CD001");
@@ -1219,11 +1219,11 @@ fn attached_messages() {
         message_rfc822: false,
         ..AttachmentsConfig::default()
     })
-    .inspect(&fixture("nested-rfc822.eml"));
+    .inspect(&fixture("nested-rfc822.mime"));
     assert_eq!(o.verdict, Verdict::Pass, "{o:?}");
     // A base64-encoded attached message is opened too.
     let inner = std::fs::read(format!(
-        "{}/tests/fixtures/messages/mixed-double-extension.eml",
+        "{}/tests/fixtures/messages/mixed-double-extension.mime",
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap();
@@ -1235,7 +1235,7 @@ fn attached_messages() {
 #[tokio::test]
 async fn attachment_check_runs_at_data_only_and_skips_authenticated_sessions() {
     let check = attachments(AttachmentsConfig::default());
-    let m = fixture("mixed-double-extension.eml");
+    let m = fixture("mixed-double-extension.mime");
     assert_eq!(check.stages(), [Stage::Data]);
     assert!(matches!(
         run_check(&check, Stage::Data, &m, false).await,

@@ -16,7 +16,9 @@ use thassp::policy::Category;
 async fn connect(addr: std::net::SocketAddr) -> Client {
     use tokio::io::AsyncWriteExt;
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"PROXY TCP4 203.0.113.50 192.0.2.1 40000 25\r\n").await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.50 192.0.2.1 40000 25\r\n")
+        .await
+        .unwrap();
     Client::over(tcp)
 }
 

@@ -841,3 +841,57 @@ async fn ipv4_and_ipv6_wildcards_on_the_same_port() {
     drop((v4, v6));
     running.shutdown().await;
 }
+
+/// Scores 3 at MAIL, as a soft check would.
+struct ScoreAtMail;
+impl Check for ScoreAtMail {
+    fn name(&self) -> &'static str {
+        "score_at_mail"
+    }
+    fn stages(&self) -> &'static [Stage] {
+        &[Stage::Mail]
+    }
+    fn check<'a>(&'a self, _: &'a Context<'a>) -> BoxFuture<'a, Result<Verdict, CheckError>> {
+        Box::pin(async {
+            Ok(Verdict::Score {
+                points: 3.0,
+                refusal: Refusal {
+                    reply: Reply::build(550, "5.7.1", "soft"),
+                    category: Category::Other,
+                },
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn message_score_adds_up_over_stages() {
+    let rule = "[[checks.content.rules]]\nname = \"soft\"\nwhere = \"body\"\npattern = \"/offer/\"\naction = \"score:3\"";
+    for (limit, expect) in [
+        ("5", "550 5.7.1 Message refused: spam score 6.0 reaches 5.0"),
+        ("8", "250"),
+    ] {
+        let sink = Sink::start().await;
+        let cfg = config(
+            sink.addr,
+            "",
+            &format!("[policy]\nmessage_score_limit = {limit}\n{rule}"),
+        );
+        let app = App::with_checks(cfg, vec![Arc::new(ScoreAtMail)]).await.unwrap();
+        let running = thassp::server::start(app).await.unwrap();
+        let mut c = Client::greeted(running.smtp_addrs[0]).await;
+        let r = c
+            .send_mail(
+                "a@example.net",
+                &["b@example.com"],
+                &wire(b"Subject: x\r\n\r\nan offer\r\n"),
+            )
+            .await;
+        assert!(r.starts_with(expect), "{r}");
+        if expect == "250" {
+            let data = String::from_utf8_lossy(&sink.deliveries()[0].data).into_owned();
+            assert!(data.contains("\r\nX-Thassp-Score: 6.0\r\n"), "{data}");
+        }
+        running.shutdown().await;
+    }
+}

@@ -1469,6 +1469,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.end_transaction(Some((refusal.category, decision.check)), Some(&refusal.reply));
             return self.error_reply(&refusal.reply);
         }
+        // The message's score: every stage's score:N verdicts added up.
+        let score = self.tx.as_ref().map_or(0.0, |t| t.log.score);
+        let policy = &self.snap.config.policy;
+        if policy.message_score_limit > 0.0 && score >= policy.message_score_limit {
+            let reply = Reply::build(
+                550,
+                "5.7.1",
+                format!(
+                    "Message refused: spam score {score:.1} reaches {:.1}",
+                    policy.message_score_limit
+                ),
+            );
+            self.end_transaction(Some((Category::Other, Some("score"))), Some(&reply));
+            return self.error_reply(&reply);
+        }
 
         let mut wire = Vec::with_capacity(message.len() + 512);
         if self.snap.config.smtp.received_header {
@@ -1480,6 +1495,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             for h in headers.iter() {
                 wire.extend_from_slice(h.as_bytes());
             }
+        }
+        if self.snap.config.policy.score_header && score > 0.0 {
+            wire.extend_from_slice(format!("X-Thassp-Score: {score:.1}\r\n").as_bytes());
         }
         codec::stuff_into(&message, &mut wire);
         drop(message);
