@@ -45,6 +45,8 @@ pub struct Counters {
     pub tls_handshake_failures: AtomicU64,
     pub auth_failures: AtomicU64,
     pub proxy_protocol_refused: AtomicU64,
+    /// Calls, refusals, errors and latency of each check.
+    pub checks: crate::policy::CheckStats,
 }
 
 impl Counters {
@@ -255,15 +257,17 @@ impl Snapshot {
             }
         };
         checks.extend(extra_checks.iter().cloned());
+        let counters: Arc<Counters> = previous.map(|p| p.counters.clone()).unwrap_or_default();
         let pipeline = Pipeline::new(checks, config.policy.on_error)
-            .with_score_limit(Some(config.policy.score_limit).filter(|l| *l > 0.0));
+            .with_score_limit(Some(config.policy.score_limit).filter(|l| *l > 0.0))
+            .with_stats(&counters.checks);
         Ok(Self {
             hostname: config.hostname(),
             config: Arc::new(config),
             routes,
             pipeline,
             listener_tls,
-            counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
+            counters,
             limiter: previous.map(|p| p.limiter.clone()).unwrap_or_default(),
             live: previous.map(|p| p.live.clone()).unwrap_or_default(),
             dnsbl,

@@ -111,6 +111,65 @@ impl Collector for AppCollector {
             clamp(app.started.elapsed().as_secs()),
         )?;
 
+        // Per check: calls, refusals, errors and a latency histogram (label: the check's
+        // name, a fixed set).
+        let checks = c.checks.all();
+        {
+            let mut m = enc.encode_descriptor(
+                "thassp_check_duration_seconds",
+                "Time each check took per call.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (name, stat) in &checks {
+                let mut cumulative = 0;
+                let mut buckets: Vec<(f64, u64)> = crate::policy::LATENCY_BUCKETS
+                    .iter()
+                    .zip(&stat.buckets)
+                    .map(|(le, n)| {
+                        cumulative += n.load(std::sync::atomic::Ordering::Relaxed);
+                        (*le, cumulative)
+                    })
+                    .collect();
+                let count = Counters::get(&stat.calls);
+                buckets.push((f64::INFINITY, count));
+                let sum = Counters::get(&stat.nanos) as f64 / 1e9;
+                let labels = vec![("check".to_string(), name.to_string())];
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        sum, count, &buckets, None,
+                    )?;
+            }
+        }
+        for (metric, help, pick) in [
+            (
+                "thassp_check_refusals",
+                "Refusals (reject or tempfail) by check.",
+                0,
+            ),
+            (
+                "thassp_check_errors",
+                "Calls that could not decide (on_error applied) by check.",
+                1,
+            ),
+            (
+                "thassp_check_monitored",
+                "Would-be refusals in monitor mode by check.",
+                2,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (name, stat) in &checks {
+                let v = match pick {
+                    0 => Counters::get(&stat.refusals),
+                    1 => Counters::get(&stat.errors),
+                    _ => Counters::get(&stat.monitored),
+                };
+                let labels = vec![("check".to_string(), name.to_string())];
+                ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
         // Counter names lose their `_total` here: the OpenMetrics encoder appends it.
         counter(
             &mut enc,

@@ -931,6 +931,10 @@ async fn metrics_text_parses() {
         "thassp_upstream_up{upstream=\"main\"} 1",
         "thassp_admin_auth_failures_total 1",
         "# TYPE thassp_outcomes counter",
+        "# TYPE thassp_check_duration_seconds histogram",
+        "thassp_check_duration_seconds_count{check=\"relay_control\"} 1",
+        "thassp_check_duration_seconds_bucket{le=\"+Inf\",check=\"relay_control\"} 1",
+        "thassp_check_refusals_total{check=\"relay_control\"} 0",
     ] {
         assert!(r.body.contains(needle), "{needle} missing:\n{}", r.body);
     }

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::smtp::address::Address;
 use crate::smtp::codec::Reply;
@@ -378,10 +379,69 @@ pub enum Action {
     Reject(Refusal),
 }
 
+/// Upper bounds (seconds) of the check latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 9] = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// Per-check statistics for the metrics endpoint: atomics only, so the hot path never
+/// takes a lock.
+#[derive(Debug, Default)]
+pub struct CheckStat {
+    pub calls: AtomicU64,
+    pub refusals: AtomicU64,
+    pub errors: AtomicU64,
+    pub monitored: AtomicU64,
+    /// Total time in nanoseconds.
+    pub nanos: AtomicU64,
+    /// Calls that took at most `LATENCY_BUCKETS[i]` (not cumulative).
+    pub buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+}
+
+impl CheckStat {
+    fn observe(&self, elapsed: std::time::Duration, outcome: &Result<Verdict, CheckError>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.nanos.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        match outcome {
+            Err(_) => self.errors.fetch_add(1, Ordering::Relaxed),
+            Ok(Verdict::Reject(_) | Verdict::TempFail(_)) => self.refusals.fetch_add(1, Ordering::Relaxed),
+            Ok(Verdict::Monitor(_)) => self.monitored.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => 0,
+        };
+    }
+}
+
+/// Statistics of every check by name, kept across reloads (a reload builds new checks).
+#[derive(Debug, Default)]
+pub struct CheckStats {
+    by_name: std::sync::Mutex<std::collections::BTreeMap<&'static str, Arc<CheckStat>>>,
+}
+
+impl CheckStats {
+    /// The statistics of the named check (created on first use; called at build time).
+    pub fn get(&self, name: &'static str) -> Arc<CheckStat> {
+        let mut map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name).or_default().clone()
+    }
+
+    /// Every check's statistics, by name.
+    pub fn all(&self) -> Vec<(&'static str, Arc<CheckStat>)> {
+        let map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+}
+
 /// The configured checks, in order, and how their verdicts combine.
 #[derive(Clone)]
 pub struct Pipeline {
     checks: Vec<Arc<dyn Check>>,
+    /// Statistics of each check, in the same order.
+    stats: Vec<Arc<CheckStat>>,
     on_error: OnError,
     /// A stage whose scores add up to this is refused. `None`: scores only inform.
     score_limit: Option<f32>,
@@ -402,11 +462,19 @@ impl fmt::Debug for Pipeline {
 
 impl Pipeline {
     pub fn new(checks: Vec<Arc<dyn Check>>, on_error: OnError) -> Self {
+        let stats = checks.iter().map(|_| Arc::new(CheckStat::default())).collect();
         Self {
             checks,
+            stats,
             on_error,
             score_limit: None,
         }
+    }
+
+    /// Records each check's calls and latency in `stats` (shared across reloads).
+    pub fn with_stats(mut self, stats: &CheckStats) -> Self {
+        self.stats = self.checks.iter().map(|c| stats.get(c.name())).collect();
+        self
     }
 
     pub fn with_score_limit(mut self, limit: Option<f32>) -> Self {
@@ -417,6 +485,7 @@ impl Pipeline {
     /// Adds a check at the end (embedders and tests add their own checks this way).
     pub fn push(&mut self, check: Arc<dyn Check>) {
         self.checks.push(check);
+        self.stats.push(Arc::new(CheckStat::default()));
     }
 
     /// Names of the configured checks, in order.
@@ -445,12 +514,13 @@ impl Pipeline {
     /// order. `Accept`, `TempFail` and `Reject` end the stage; a check error becomes a
     /// verdict through `on_error` only.
     pub async fn run(&self, cx: &Context<'_>) -> Decision {
-        let applicable: Vec<&Arc<dyn Check>> = self
+        let applicable: Vec<(&Arc<dyn Check>, &Arc<CheckStat>)> = self
             .checks
             .iter()
+            .zip(&self.stats)
             // Authenticated sessions skip the anti-spam checks (the upstream vouched for the
             // user); non-exemptible checks such as relay control still run.
-            .filter(|c| {
+            .filter(|(c, _)| {
                 c.stages().contains(&cx.stage)
                     && !(c.exemptible() && (cx.exempt.covers(c.name()) || cx.session.authenticated.is_some()))
             })
@@ -460,8 +530,11 @@ impl Pipeline {
             exempt: Exemptions::default(),
             top_score: None,
         };
-        for check in applicable.iter().filter(|c| !c.needs_io()) {
-            let verdict = match check.check(cx).await {
+        for (check, stat) in applicable.iter().filter(|(c, _)| !c.needs_io()) {
+            let started = std::time::Instant::now();
+            let result = check.check(cx).await;
+            stat.observe(started.elapsed(), &result);
+            let verdict = match result {
                 Ok(v) => v,
                 Err(e) => self.error_verdict(cx, check.as_ref(), &e),
             };
@@ -469,14 +542,20 @@ impl Pipeline {
                 return d;
             }
         }
-        let io: Vec<&Arc<dyn Check>> = applicable
+        let io: Vec<(&Arc<dyn Check>, &Arc<CheckStat>)> = applicable
             .iter()
             .copied()
-            .filter(|c| c.needs_io() && !(c.exemptible() && state.exempt.covers(c.name())))
+            .filter(|(c, _)| c.needs_io() && !(c.exemptible() && state.exempt.covers(c.name())))
             .collect();
         if !io.is_empty() {
-            let results = futures_util::future::join_all(io.iter().map(|c| c.check(cx))).await;
-            for (check, result) in io.iter().zip(results) {
+            let timed = io.iter().map(|(c, stat)| async move {
+                let started = std::time::Instant::now();
+                let result = c.check(cx).await;
+                stat.observe(started.elapsed(), &result);
+                result
+            });
+            let results = futures_util::future::join_all(timed).await;
+            for ((check, _), result) in io.iter().zip(results) {
                 let verdict = match result {
                     Ok(v) => v,
                     Err(e) => self.error_verdict(cx, check.as_ref(), &e),
