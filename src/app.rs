@@ -14,6 +14,7 @@ use crate::dns::Resolver;
 use crate::events::{EventLog, WriterHandle};
 use crate::policy::attachments::AttachmentsCheck;
 use crate::policy::content::ContentCheck;
+use crate::policy::dkim::DkimCheck;
 use crate::policy::dnsbl::DnsblCheck;
 use crate::policy::greylist::GreylistCheck;
 use crate::policy::helo::HeloCheck;
@@ -104,7 +105,8 @@ fn build_checks(
     let needs_dns = (c.helo.enabled && c.helo.unresolvable.is_some())
         || c.ptr.enabled
         || !c.dnsbl.zones.is_empty()
-        || c.spf.enabled;
+        || c.spf.enabled
+        || c.dkim.enabled;
     let resolver = if needs_dns {
         match Resolver::new(&config.dns) {
             Ok(r) => Some(Arc::new(r)),
@@ -168,6 +170,9 @@ fn build_checks(
         }
         if c.spf.enabled {
             add(SpfCheck::build(&c.spf, resolver.clone()).map(|s| Arc::new(s) as Arc<dyn Check>));
+        }
+        if c.dkim.enabled {
+            add(DkimCheck::build(&c.dkim, resolver.clone()).map(|d| Arc::new(d) as Arc<dyn Check>));
         }
         if !c.dnsbl.zones.is_empty() {
             match DnsblCheck::build(&c.dnsbl, resolver.clone()) {

@@ -93,6 +93,7 @@ pub struct ChecksConfig {
     pub spf: crate::policy::spf::SpfConfig,
     pub content: crate::policy::content::ContentConfig,
     pub attachments: crate::policy::attachments::AttachmentsConfig,
+    pub dkim: crate::policy::dkim::DkimConfig,
 }
 
 /// `[checks.pregreet]`: early talkers. Before the banner thassp sends a `220-` line and
@@ -683,6 +684,7 @@ impl Config {
         errors_extra.extend(self.checks.spf.validate("checks.spf"));
         errors_extra.extend(self.checks.content.validate());
         errors_extra.extend(self.checks.attachments.validate());
+        errors_extra.extend(self.checks.dkim.validate("checks.dkim"));
         if self.checks.pregreet.enabled
             && (self.checks.pregreet.wait.is_zero() || self.checks.pregreet.wait > Duration::from_secs(60))
         {

@@ -473,3 +473,51 @@ async fn content_rules_attachments_and_message_score_through_smtp() {
     assert!(r.starts_with("250"), "{r}");
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn dkim_and_dmarc_through_smtp() {
+    use thassp::policy::dkim;
+    let key = dkim::generate_ed25519_key().unwrap();
+    let dns = TestDns::start(
+        Records::new()
+            .txt(
+                "sel._domainkey.signed.example",
+                &dkim::ed25519_key_record(&key).unwrap(),
+            )
+            .txt("_dmarc.signed.example", "v=DMARC1; p=reject")
+            .txt("signed.example", "v=spf1 ip4:203.0.113.0/24 -all"),
+    )
+    .await;
+    let sink = Sink::start().await;
+    let message = b"From: news@signed.example\r\nTo: b@example.com\r\nSubject: signed\r\nMessage-ID: <s1@signed.example>\r\n\r\nHello.\r\n";
+    let signature = dkim::sign_ed25519(message, "signed.example", "sel", &key).unwrap();
+    let signed = [signature.as_bytes(), message].concat();
+    let forged = b"From: ceo@signed.example\r\nTo: b@example.com\r\nSubject: wire money\r\n\r\nNow.\r\n";
+
+    for (honour, expect_forged) in [(false, "250"), (true, "550 5.7.26")] {
+        let extra = if honour {
+            "[checks.dkim]\ndmarc_reject = \"reject\""
+        } else {
+            ""
+        };
+        let running = behind_proxy(&sink, &dns, extra).await;
+        let (mut c, _) = as_client(&running, "203.0.113.30").await;
+        let r = c
+            .send_mail("news@signed.example", &["b@example.com"], &wire(&signed))
+            .await;
+        assert!(r.starts_with("250"), "{r}");
+        let data = String::from_utf8_lossy(&sink.deliveries().last().unwrap().data).into_owned();
+        assert!(data.contains("Authentication-Results: mx.thassp.test;"), "{data}");
+        assert!(
+            data.contains("dkim=pass header.d=signed.example") && data.contains("dmarc=pass"),
+            "{data}"
+        );
+        // Unsigned, From: the p=reject domain, sent from outside its SPF: DMARC fails.
+        let (mut c, _) = as_client(&running, "198.51.100.77").await;
+        let r = c
+            .send_mail("ceo@other.example", &["b@example.com"], &wire(forged))
+            .await;
+        assert!(r.starts_with(expect_forged), "honour={honour}: {r}");
+        running.shutdown().await;
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod attachments;
 pub mod content;
+pub mod dkim;
 pub mod dnsbl;
 pub mod greylist;
 pub mod helo;
