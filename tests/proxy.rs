@@ -895,3 +895,48 @@ async fn message_score_adds_up_over_stages() {
         running.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn reload_under_load_drops_no_session() {
+    let sink = Sink::start().await;
+    let base = config(sink.addr, "", "");
+    let app = App::new(base.clone()).await.unwrap();
+    let running = thassp::server::start(app.clone()).await.unwrap();
+    let addr = running.smtp_addrs[0];
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut replies = Vec::new();
+                for _ in 0..4 {
+                    let mut c = Client::greeted(addr).await;
+                    for _ in 0..5 {
+                        replies.push(
+                            c.send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+                                .await,
+                        );
+                    }
+                    c.cmd("QUIT").await;
+                }
+                replies
+            })
+        })
+        .collect();
+    // Reload again and again while the clients run: new sessions take the new config,
+    // running ones finish on theirs.
+    let mut reloads = 0;
+    while clients.iter().any(|c| !c.is_finished()) && reloads < 500 {
+        let mut next = base.clone();
+        next.server.hostname = Some(format!("mx{}.thassp.test", reloads % 3));
+        app.reload(next).unwrap();
+        reloads += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for c in clients {
+        for r in c.await.unwrap() {
+            assert!(r.starts_with("250"), "{r}");
+        }
+    }
+    assert!(reloads > 5, "the load ended before it overlapped reloads");
+    assert_eq!(sink.deliveries().len(), 160);
+    running.shutdown().await;
+}

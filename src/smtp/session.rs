@@ -72,6 +72,9 @@ pub struct SessionSummary {
     pub tls_failed: bool,
     /// Replies to the client were delayed (tarpit).
     pub tarpitted: bool,
+    /// Sender and recipients of the last transaction, for the session's log line.
+    pub last_sender: Option<String>,
+    pub last_recipients: Vec<String>,
 }
 
 /// What the event log records about a transaction, gathered as it runs.
@@ -219,6 +222,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 auth_failures: 0,
                 tls_failed: false,
                 tarpitted: false,
+                last_sender: None,
+                last_recipients: Vec::new(),
             },
         }
     }
@@ -287,6 +292,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             session = %self.info.id,
             client = %self.info.peer.ip(),
             helo = self.info.helo.as_deref().unwrap_or(""),
+            from = s.last_sender.as_deref().unwrap_or(""),
+            rcpts = %s.last_recipients.join(","),
             outcome = %s.outcome,
             check = s.check.unwrap_or(""),
             transactions = s.transactions,
@@ -1748,6 +1755,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.summary.transactions += 1;
         self.tx_seq += 1;
+        self.summary.last_sender = Some(tx.from.raw.clone());
+        self.summary.last_recipients = tx.log.recipients.iter().map(|r| r.address.clone()).collect();
         let results = self.facts.results.lock().map(|r| r.clone()).unwrap_or_default();
         let log = tx.log;
         let queue_id = log.upstream_reply.as_deref().and_then(queue_id);
