@@ -743,11 +743,11 @@ fn fmt_uptime(secs: u64) -> String {
     }
 }
 
-fn outcome_table(rows: &[OutcomeRow], out: &mut String) {
+fn outcome_table(rows: &[OutcomeRow], id: &str, out: &mut String) {
     let total: u64 = rows.iter().map(|r| r.count).sum();
-    out.push_str(
-        "<table id=\"outcomes\"><tr><th>category</th><th>attempts</th><th>percent</th><th></th></tr>",
-    );
+    out.push_str(&format!(
+        "<table id=\"{id}\"><tr><th>category</th><th>attempts</th><th>percent</th><th></th></tr>"
+    ));
     for r in rows {
         let c = r.category.as_str();
         let _ = write!(
@@ -887,7 +887,7 @@ async fn dashboard(
                 report.totals.connections,
                 report.totals.transactions
             );
-            outcome_table(&report.outcomes, &mut b);
+            outcome_table(&report.outcomes, "outcomes", &mut b);
             b.push_str("<h2>Attempts per day</h2>");
             daily_chart(report, &mut b);
             b.push_str(
@@ -944,7 +944,7 @@ async fn dashboard(
     }
     b.push_str("</table>");
     b.push_str("<h2>Since start (live counters)</h2>");
-    outcome_table(&status.since_start, &mut b);
+    outcome_table(&status.since_start, "outcomes-live", &mut b);
     b.push_str(
         "<h2>Upstreams</h2><table id=\"upstreams\"><tr><th>name</th><th>address</th><th>health</th>\
          <th>last probe</th><th>extensions</th></tr>",
