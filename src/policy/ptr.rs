@@ -109,30 +109,8 @@ impl PtrConfig {
     }
 }
 
-/// Serde for an action that may be `"off"` (`None`).
-pub mod optional_action {
-    use super::CheckAction;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    /// `None` is written as `"off"`.
-    pub fn serialize<S: Serializer>(action: &Option<CheckAction>, s: S) -> Result<S::Ok, S::Error> {
-        match action {
-            None => s.serialize_str("off"),
-            Some(a) => a.serialize(s),
-        }
-    }
-
-    /// `"off"` reads as `None`; anything else must be an action.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CheckAction>, D::Error> {
-        let text = String::deserialize(d)?;
-        if text.trim() == "off" {
-            return Ok(None);
-        }
-        CheckAction::parse(&text)
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("{e}, or off")))
-    }
-}
+/// Serde for an action that may be `"off"` (`None`): the one shared helper.
+pub use super::helo::optional_action;
 
 /// Bounds on what operators' patterns may cost to compile and run.
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
