@@ -322,7 +322,8 @@ impl UpstreamConn {
         }
         let line = format!("XCLIENT {}\r\n", attrs.join(" "));
         let reply = self.command(line.as_bytes(), "XCLIENT").await?;
-        if reply.code != 220 {
+        // Postfix answers 220 (a new greeting); other implementations (smtp-sink) say 250.
+        if !reply.is_positive() {
             warn!(upstream = %self.upstream.name, reply = %reply, "Upstream refused XCLIENT; it will see thassp as the client.");
             return Ok(());
         }
