@@ -165,6 +165,11 @@ fn parse_mailbox(content: &str) -> Result<Address, AddressError> {
     if content.is_empty() {
         return Ok(addr);
     }
+    // Angle brackets outside quotes (possible in a bare, unbracketed address, route
+    // included) would change where the path ends once thassp relays it as `<raw>`.
+    if find_unquoted(content, '<')?.is_some() || find_unquoted(content, '>')?.is_some() {
+        return Err(AddressError::BadCharacter);
+    }
     let mut mailbox = content;
     if content.starts_with('@') {
         let colon = find_unquoted(content, ':')?.ok_or(AddressError::BadCharacter)?;
@@ -252,6 +257,7 @@ mod tests {
         assert_eq!(parse_path("<a@b>x"), Err(AddressError::TrailingGarbage));
         // Found by fuzzing: relayed as `<a>b@c.example>` it would end early upstream.
         assert_eq!(parse_path("a>b@c.example"), Err(AddressError::BadCharacter));
+        assert_eq!(parse_path("@e>:b@x.example"), Err(AddressError::BadCharacter));
         let long = format!("<{}@example.com>", "a".repeat(65));
         assert_eq!(parse_path(&long), Err(AddressError::TooLong));
         // A quoted '>' does not end the path.

@@ -484,7 +484,13 @@ pub struct DataReader {
     /// Longest line allowed, CRLF excluded.
     max_line: usize,
     bare: BareLineEnd,
-    violation: Option<DataViolation>,
+    /// What is wrong with the message, each kept on its own so the verdict does not depend
+    /// on the order it was found in (that order depends on how the input was split).
+    too_big: bool,
+    long_line: bool,
+    bare_seen: bool,
+    /// Size of the message as it would be emitted, counted even after a refusal.
+    size: usize,
     /// Bytes received on the wire, for accounting.
     wire_bytes: usize,
 }
@@ -499,13 +505,30 @@ impl DataReader {
             max_size,
             max_line: max_line.saturating_sub(2),
             bare,
-            violation: None,
+            too_big: false,
+            long_line: false,
+            bare_seen: false,
+            size: 0,
             wire_bytes: 0,
         }
     }
 
+    /// Why the message must be refused, by a fixed priority: size (the most useful hint to
+    /// the sender), then line length, then bare line ends.
     pub fn violation(&self) -> Option<DataViolation> {
-        self.violation
+        if self.too_big {
+            Some(DataViolation::TooBig)
+        } else if self.long_line {
+            Some(DataViolation::LineTooLong)
+        } else if self.bare_seen {
+            Some(DataViolation::BareLineEnd)
+        } else {
+            None
+        }
+    }
+
+    fn refused(&self) -> bool {
+        self.too_big || self.long_line || self.bare_seen
     }
 
     pub fn wire_bytes(&self) -> usize {
@@ -513,30 +536,37 @@ impl DataReader {
     }
 
     fn violate(&mut self, v: DataViolation, out: &mut Vec<u8>) {
-        // The first violation decides the reply; size wins because it is the most useful hint.
-        if self.violation.is_none() || v == DataViolation::TooBig {
-            self.violation = Some(v);
+        match v {
+            DataViolation::TooBig => self.too_big = true,
+            DataViolation::LineTooLong => self.long_line = true,
+            DataViolation::BareLineEnd => self.bare_seen = true,
         }
         // Nothing more is kept once the message is refused: memory stays bounded.
         out.clear();
     }
 
     fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
-        if self.violation.is_some() {
+        self.size = self.size.saturating_add(bytes.len());
+        if self.size > self.max_size {
+            if !self.too_big {
+                self.violate(DataViolation::TooBig, out);
+            }
             return;
         }
-        if out.len() + bytes.len() > self.max_size {
-            self.violate(DataViolation::TooBig, out);
-            return;
+        if !self.refused() {
+            out.extend_from_slice(bytes);
         }
-        out.extend_from_slice(bytes);
+    }
+
+    fn check_line_length(&mut self, out: &mut Vec<u8>) {
+        if self.line_len > self.max_line && !self.long_line {
+            self.violate(DataViolation::LineTooLong, out);
+        }
     }
 
     fn content_byte(&mut self, b: u8, out: &mut Vec<u8>) {
         self.line_len += 1;
-        if self.line_len > self.max_line && self.violation.is_none() {
-            self.violate(DataViolation::LineTooLong, out);
-        }
+        self.check_line_length(out);
         self.emit(&[b], out);
         self.state = DState::InLine;
     }
@@ -576,9 +606,7 @@ impl DataReader {
                 if run_start > start {
                     let run = &input[start..run_start];
                     self.line_len += run.len();
-                    if self.line_len > self.max_line && self.violation.is_none() {
-                        self.violate(DataViolation::LineTooLong, out);
-                    }
+                    self.check_line_length(out);
                     self.emit(run, out);
                     self.state = DState::InLine;
                     i = run_start;

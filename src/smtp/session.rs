@@ -565,6 +565,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn next_line_within(&mut self, limit: usize) -> Result<Vec<u8>, Stop> {
+        let smtp = &self.snap.config.smtp;
+        let timeout = if self.seen_command {
+            smtp.command_timeout
+        } else {
+            smtp.greeting_timeout
+        };
+        let deadline = Instant::now() + timeout;
         loop {
             if self.discarding {
                 match self.rbuf.iter().position(|&b| b == b'\n') {
@@ -590,14 +597,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     LineStatus::Incomplete => {}
                 }
             }
-            let smtp = &self.snap.config.smtp;
-            let timeout = if self.seen_command {
-                smtp.command_timeout
-            } else {
-                smtp.greeting_timeout
-            };
+            // The whole line must arrive within the timeout, not each byte: a client
+            // trickling one byte at a time (slowloris) cannot hold the session.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Stop::Timeout);
+            }
             let interruptible = self.tx.is_none();
-            self.fill(timeout, interruptible).await?;
+            self.fill(left, interruptible).await?;
         }
     }
 

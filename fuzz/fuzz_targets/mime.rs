@@ -1,0 +1,6 @@
+//! Messages through the attachment walker (`AttachmentsCheck::inspect`), raw or wrapped.
+//! The invariants are in `fuzz/src/lib.rs` (shared with `tests/fuzz_corpus.rs`).
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| thassp_fuzz::mime(data));
