@@ -243,10 +243,11 @@ pub struct SmtpConfig {
     pub max_line_length: usize,
     /// Bare CR or LF inside DATA: `reject` (default, `550 5.6.0`) or `normalize` (to CRLF).
     pub bare_line_end: BareLineEndPolicy,
-    /// Time from the banner to the first command. Default "5m".
+    /// Time from the banner until the first command line has arrived whole. Default "5m".
     #[serde(with = "duration")]
     pub greeting_timeout: Duration,
-    /// Time to wait for each further command. Default "5m" (RFC 5321 §4.5.3.2.7).
+    /// Time for each further command line to arrive whole (a client trickling bytes cannot
+    /// stretch it). Default "5m" (RFC 5321 §4.5.3.2.7).
     #[serde(with = "duration")]
     pub command_timeout: Duration,
     /// Longest silence while receiving DATA. Default "3m" (data block, §4.5.3.2.5).
