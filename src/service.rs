@@ -188,10 +188,20 @@ pub struct StatsReport {
     pub outcomes: Vec<OutcomeRow>,
     /// Attempts per UTC day and category.
     pub daily: Vec<DaySeries>,
+    /// Attempts per UTC hour and category, for periods of up to a week (empty otherwise).
+    pub hourly: Vec<HourSeries>,
     /// The category the top lists are restricted to (`None`: all).
     pub category: Option<&'static str>,
     pub top_clients: Vec<TopEntry>,
     pub top_sender_domains: Vec<TopEntry>,
+}
+
+/// One hour of the per-hour series, categories with attempts only.
+#[derive(Debug, Clone, Serialize)]
+pub struct HourSeries {
+    pub hour: DateTime<Utc>,
+    pub counts: BTreeMap<&'static str, u64>,
+    pub total: u64,
 }
 
 /// One day of the per-day series, categories with attempts only.
@@ -708,6 +718,22 @@ impl Service {
         let totals = stats.totals(since, until).await.map_err(sql_error)?;
         let outcomes = stats.outcome_table(since, until).await.map_err(sql_error)?;
         let daily = stats.daily(since, until, utc).await.map_err(sql_error)?;
+        // Hourly bars stay readable up to a week (168 of them).
+        let hourly = if until - since <= chrono::Duration::days(7) {
+            stats.hourly(since, until).await.map_err(sql_error)?
+        } else {
+            Vec::new()
+        };
+        let mut hours: BTreeMap<DateTime<Utc>, HourSeries> = BTreeMap::new();
+        for h in hourly {
+            let e = hours.entry(h.hour).or_insert_with(|| HourSeries {
+                hour: h.hour,
+                counts: BTreeMap::new(),
+                total: 0,
+            });
+            *e.counts.entry(h.category.as_str()).or_default() += h.count;
+            e.total += h.count;
+        }
         let clients = stats
             .top_clients(since, until, category, top)
             .await
@@ -737,6 +763,7 @@ impl Service {
             totals,
             outcomes,
             daily: days.into_values().collect(),
+            hourly: hours.into_values().collect(),
             category: category.map(Category::as_str),
             top_clients: top_entries(clients),
             top_sender_domains: top_entries(domains),

@@ -715,6 +715,7 @@ async fn check_dashboard(b: &Browser, web: SocketAddr) {
     );
     // The chart and the upstream table are there too.
     assert!(b.find("#daily").await.is_some(), "no chart");
+    assert!(b.find("#hourly").await.is_some(), "no traffic-per-hour chart");
     let upstreams = b.table("#upstreams").await;
     assert!(
         upstreams.iter().any(|r| r[0] == "main" && r[2] == "up"),

@@ -191,6 +191,17 @@ async fn sessions_become_rows_in_exactly_one_category() {
     let percent: f64 = table.iter().map(|r| r.percent).sum();
     assert!((percent - 100.0).abs() < 0.5, "{percent}");
 
+    // The same attempts per hour (the dashboard's traffic chart), all in this hour or the last.
+    let hourly = stats
+        .hourly(now - chrono::Duration::hours(2), now + chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(hourly.iter().map(|h| h.count).sum::<u64>(), 9);
+    assert!(
+        hourly.iter().all(|h| (now - h.hour) < chrono::Duration::hours(2)),
+        "{hourly:?}"
+    );
+
     // The same table from the command line.
     let cfg = dir.path().join("thassp.toml");
     std::fs::write(&cfg, &text).unwrap();

@@ -767,28 +767,40 @@ fn outcome_table(rows: &[OutcomeRow], id: &str, out: &mut String) {
     );
 }
 
-/// The per-day series as stacked bars in inline SVG.
-fn daily_chart(report: &StatsReport, out: &mut String) {
-    if report.daily.is_empty() {
+/// One bar of a stacked chart: its label, tooltip prefix, counts per category and total.
+struct Bar<'a> {
+    label: String,
+    title: String,
+    counts: &'a BTreeMap<&'static str, u64>,
+    total: u64,
+}
+
+/// A series as stacked bars (one colour per outcome) in inline SVG.
+fn stacked_chart(id: &str, what: &str, bars: &[Bar<'_>], out: &mut String) {
+    if bars.is_empty() {
         out.push_str("<p>No attempts in this period.</p>");
         return;
     }
-    let max = report.daily.iter().map(|d| d.total).max().unwrap_or(1).max(1) as f64;
-    let (bar, gap, height) = (18.0_f64, 6.0_f64, 160.0_f64);
-    let width = report.daily.len() as f64 * (bar + gap) + gap;
+    let max = bars.iter().map(|d| d.total).max().unwrap_or(1).max(1) as f64;
+    let (bar, gap, height) = (
+        if bars.len() > 40 { 8.0_f64 } else { 18.0_f64 },
+        4.0_f64,
+        160.0_f64,
+    );
+    let width = bars.len() as f64 * (bar + gap) + gap;
     let _ = write!(
         out,
-        "<svg id=\"daily\" width=\"{width:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {width:.0} {h:.0}\" role=\"img\" \
-         aria-label=\"attempts per day\" style=\"background:#fff;border:1px solid #dde\">",
+        "<svg id=\"{id}\" width=\"{width:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {width:.0} {h:.0}\" role=\"img\" \
+         aria-label=\"{what}\" style=\"background:#fff;border:1px solid #dde\">",
         h = height + 20.0
     );
     let mut used: BTreeMap<usize, &str> = BTreeMap::new();
-    for (i, day) in report.daily.iter().enumerate() {
+    for (i, b) in bars.iter().enumerate() {
         let x = gap + i as f64 * (bar + gap);
         let mut y = height;
-        // Vocabulary order, so every day stacks the same way.
+        // Vocabulary order, so every bar stacks the same way.
         for c in CATEGORIES {
-            let Some(&n) = day.counts.get(c.as_str()) else {
+            let Some(&n) = b.counts.get(c.as_str()) else {
                 continue;
             };
             let h = n as f64 / max * (height - 10.0);
@@ -798,7 +810,7 @@ fn daily_chart(report: &StatsReport, out: &mut String) {
                 out,
                 "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar}\" height=\"{h:.1}\" fill=\"{}\"><title>{} {}: {n}</title></rect>",
                 colour(c.as_str()),
-                day.day,
+                b.title,
                 c.as_str()
             );
         }
@@ -807,7 +819,7 @@ fn daily_chart(report: &StatsReport, out: &mut String) {
             "<text x=\"{:.1}\" y=\"{:.0}\" font-size=\"9\" text-anchor=\"middle\">{}</text>",
             x + bar / 2.0,
             height + 14.0,
-            day.day.format("%d")
+            b.label
         );
     }
     out.push_str("</svg><p class=\"legend\">");
@@ -815,6 +827,41 @@ fn daily_chart(report: &StatsReport, out: &mut String) {
         let _ = write!(out, "<span><i style=\"background:{}\"></i>{c}</span>", colour(c));
     }
     out.push_str("</p>");
+}
+
+/// The per-day series.
+fn daily_chart(report: &StatsReport, out: &mut String) {
+    let bars: Vec<Bar<'_>> = report
+        .daily
+        .iter()
+        .map(|d| Bar {
+            label: d.day.format("%d").to_string(),
+            title: d.day.to_string(),
+            counts: &d.counts,
+            total: d.total,
+        })
+        .collect();
+    stacked_chart("daily", "attempts per day", &bars, out);
+}
+
+/// The per-hour series (UTC), every third hour labelled.
+fn hourly_chart(report: &StatsReport, out: &mut String) {
+    let bars: Vec<Bar<'_>> = report
+        .hourly
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Bar {
+            label: if i % 3 == 0 {
+                h.hour.format("%H").to_string()
+            } else {
+                String::new()
+            },
+            title: h.hour.format("%Y-%m-%d %H:00").to_string(),
+            counts: &h.counts,
+            total: h.total,
+        })
+        .collect();
+    stacked_chart("hourly", "attempts per hour", &bars, out);
 }
 
 async fn dashboard(
@@ -888,6 +935,10 @@ async fn dashboard(
                 report.totals.transactions
             );
             outcome_table(&report.outcomes, "outcomes", &mut b);
+            if !report.hourly.is_empty() {
+                b.push_str("<h2>Traffic per hour (UTC)</h2>");
+                hourly_chart(report, &mut b);
+            }
             b.push_str("<h2>Attempts per day</h2>");
             daily_chart(report, &mut b);
             b.push_str(

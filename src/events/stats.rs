@@ -59,6 +59,15 @@ pub struct DayCount {
     pub count: u64,
 }
 
+/// Attempts of one category in one UTC hour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HourCount {
+    pub hour: DateTime<Utc>,
+    #[serde(serialize_with = "super::serialize_category")]
+    pub category: Category,
+    pub count: u64,
+}
+
 /// Filters for [`Stats::connections`] and [`Stats::transactions`]; all optional.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
@@ -238,17 +247,57 @@ impl Stats {
         offset: FixedOffset,
     ) -> Result<Vec<DayCount>, sqlx::Error> {
         const DAY_MS: i64 = 86_400_000;
-        let t = &self.tables;
         let off = i64::from(offset.local_minus_utc()) * 1000;
-        let day = |col: &str| self.backend.int_div(&format!("({col} + {off})"), DAY_MS);
+        let buckets = self.bucketed(since, until, DAY_MS, off).await?;
+        Ok(buckets
+            .into_iter()
+            .filter_map(|(d, category, count)| {
+                let day = DateTime::from_timestamp(d.checked_mul(86_400)?, 0)?.date_naive();
+                Some(DayCount { day, category, count })
+            })
+            .collect())
+    }
+
+    /// Attempts per UTC hour and category in `[since, until)` (the dashboard's traffic
+    /// chart), in time order; hours and categories without attempts are left out.
+    pub async fn hourly(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<HourCount>, sqlx::Error> {
+        const HOUR_MS: i64 = 3_600_000;
+        let buckets = self.bucketed(since, until, HOUR_MS, 0).await?;
+        Ok(buckets
+            .into_iter()
+            .filter_map(|(h, category, count)| {
+                let hour = DateTime::from_timestamp(h.checked_mul(3600)?, 0)?;
+                Some(HourCount {
+                    hour,
+                    category,
+                    count,
+                })
+            })
+            .collect())
+    }
+
+    /// Attempts per `bucket_ms`-wide bucket (shifted by `off_ms`) and category, sorted.
+    async fn bucketed(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        bucket_ms: i64,
+        off_ms: i64,
+    ) -> Result<Vec<(i64, Category, u64)>, sqlx::Error> {
+        let t = &self.tables;
+        let bucket = |col: &str| self.backend.int_div(&format!("({col} + {off_ms})"), bucket_ms);
         let q = format!(
             "SELECT d, outcome, COUNT(*) AS n FROM (\
                SELECT {cd} AS d, outcome FROM {c} WHERE tx_count = 0 AND connect_ms >= ? AND connect_ms < ? \
                UNION ALL \
                SELECT {xd} AS d, outcome FROM {x} WHERE ts_ms >= ? AND ts_ms < ?\
              ) a GROUP BY d, outcome",
-            cd = day("connect_ms"),
-            xd = day("ts_ms"),
+            cd = bucket("connect_ms"),
+            xd = bucket("ts_ms"),
             c = t.connections,
             x = t.transactions
         );
@@ -268,19 +317,12 @@ impl Stats {
             let c = parse_category(&outcome).unwrap_or(Category::Other);
             *acc.entry((d, category_index(c))).or_default() += u64::try_from(n).unwrap_or(0);
         }
-        let mut keys: Vec<_> = acc.keys().copied().collect();
-        keys.sort_unstable();
-        Ok(keys
+        let mut out: Vec<(i64, Category, u64)> = acc
             .into_iter()
-            .filter_map(|(d, ci)| {
-                let day = DateTime::from_timestamp(d.checked_mul(86_400)?, 0)?.date_naive();
-                Some(DayCount {
-                    day,
-                    category: CATEGORIES[ci],
-                    count: acc.get(&(d, ci)).copied().unwrap_or(0),
-                })
-            })
-            .collect())
+            .map(|((d, ci), n)| (d, CATEGORIES[ci], n))
+            .collect();
+        out.sort_unstable_by_key(|(d, c, _)| (*d, category_index(*c)));
+        Ok(out)
     }
 
     /// The client IPs with the most attempts in `[since, until)`, of one category or all.
