@@ -48,6 +48,16 @@ pub struct Counters {
     pub proxy_protocol_refused: AtomicU64,
     /// Calls, refusals, errors and latency of each check.
     pub checks: crate::policy::CheckStats,
+    /// Replies sent to clients by class.
+    pub replies_2xx: AtomicU64,
+    pub replies_3xx: AtomicU64,
+    pub replies_4xx: AtomicU64,
+    pub replies_5xx: AtomicU64,
+    /// Upstream failures (connect, timeout, reset, garbage, 421) that gave a client a 4xx.
+    pub upstream_errors: AtomicU64,
+    /// Messages relayed upstream and the time spent doing it (DATA to final reply).
+    pub upstream_messages: AtomicU64,
+    pub upstream_micros: AtomicU64,
 }
 
 impl Counters {

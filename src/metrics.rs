@@ -111,6 +111,46 @@ impl Collector for AppCollector {
             clamp(app.started.elapsed().as_secs()),
         )?;
 
+        {
+            let mut m = enc.encode_descriptor(
+                "thassp_replies",
+                "Replies sent to clients, by class.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (class, v) in [
+                ("2xx", &c.replies_2xx),
+                ("3xx", &c.replies_3xx),
+                ("4xx", &c.replies_4xx),
+                ("5xx", &c.replies_5xx),
+            ] {
+                let labels = vec![("class".to_string(), class.to_string())];
+                ConstCounter::new(Counters::get(v)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut enc,
+            "thassp_upstream_errors",
+            "Upstream failures (connect, timeout, reset, garbage, 421) answered with a 4xx.",
+            Counters::get(&c.upstream_errors),
+        )?;
+        counter(
+            &mut enc,
+            "thassp_upstream_messages",
+            "Messages relayed upstream (DATA to the final reply).",
+            Counters::get(&c.upstream_messages),
+        )?;
+        {
+            let secs = Counters::get(&c.upstream_micros) as f64 / 1e6;
+            let m = enc.encode_descriptor(
+                "thassp_upstream_relay_seconds",
+                "Time spent relaying messages upstream (divide by thassp_upstream_messages for the mean).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(secs).encode(m)?;
+        }
+
         // Per check: calls, refusals, errors and a latency histogram (label: the check's
         // name, a fixed set).
         let checks = c.checks.all();

@@ -935,6 +935,10 @@ async fn metrics_text_parses() {
         "thassp_check_duration_seconds_count{check=\"relay_control\"} 1",
         "thassp_check_duration_seconds_bucket{le=\"+Inf\",check=\"relay_control\"} 1",
         "thassp_check_refusals_total{check=\"relay_control\"} 0",
+        "thassp_replies_total{class=\"2xx\"} ",
+        "thassp_upstream_errors_total 0",
+        "thassp_upstream_messages_total 1",
+        "thassp_upstream_relay_seconds_total ",
     ] {
         assert!(r.body.contains(needle), "{needle} missing:\n{}", r.body);
     }

@@ -452,6 +452,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn reply(&mut self, r: &Reply) {
         r.write_to(&mut self.wbuf);
+        let c = &self.snap.counters;
+        Counters::bump(match r.code {
+            200..300 => &c.replies_2xx,
+            300..400 => &c.replies_3xx,
+            400..500 => &c.replies_4xx,
+            _ => &c.replies_5xx,
+        });
         self.pending_replies += 1;
         self.summary.last_reply = Some(r.summary());
     }
@@ -1231,11 +1238,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn upstream_failure(&self, e: &RelayError) -> Reply {
+        Counters::bump(&self.snap.counters.upstream_errors);
         warn!(session = %self.info.id, client = %self.info.peer.ip(), error = %e, "Upstream failed; the client gets a temporary failure.");
         Reply::build(451, "4.4.1", "Upstream mail server unavailable, try again later")
     }
 
     fn upstream_closed(&self, reply: &Reply) -> Reply {
+        Counters::bump(&self.snap.counters.upstream_errors);
         warn!(session = %self.info.id, upstream_reply = %reply, "Upstream closed the session with 421.");
         Reply::build(
             451,
@@ -1522,6 +1531,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tx.log.data_ms = ms_since(data_started);
         }
         let reply = self.relay_message(&wire).await;
+        let c = &self.snap.counters;
+        Counters::bump(&c.upstream_messages);
+        c.upstream_micros.fetch_add(
+            u64::try_from(relay_started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Some(tx) = self.tx.as_mut() {
             tx.log.upstream_ms = ms_since(relay_started);
             tx.log.upstream_reply = Some(reply.summary());
