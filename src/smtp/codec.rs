@@ -334,6 +334,10 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         return Err(CommandError::BadCharacters);
     }
     let line = std::str::from_utf8(line).map_err(|_| CommandError::BadCharacters)?;
+    // C1 controls (U+0080–U+009F) too: a HELO name ends up in Received headers and logs.
+    if line.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(CommandError::BadCharacters);
+    }
     let line = line.trim_end_matches([' ', '\t']);
     let (verb, rest) = match line.find([' ', '\t']) {
         Some(i) => (&line[..i], line[i..].trim_start_matches([' ', '\t'])),
@@ -884,6 +888,10 @@ mod tests {
             Err(CommandError::UnexpectedArgument { verb: "DATA" })
         );
         assert_eq!(parse_command(b"RSET\r"), Err(CommandError::BadCharacters));
+        assert_eq!(
+            parse_command("EHLO a\u{85}b.example".as_bytes()),
+            Err(CommandError::BadCharacters)
+        );
         assert_eq!(parse_command(b"noop anything"), Ok(Command::Noop));
         assert_eq!(parse_command(b"XYZZY"), Ok(Command::Unknown("XYZZY".into())));
     }
