@@ -265,13 +265,7 @@ async fn connection_flood_from_one_address() {
 
 /// Connects through the PROXY protocol as `ip`; returns the client and the first reply.
 async fn as_client(addr: SocketAddr, ip: &str) -> (Client, String) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("PROXY TCP4 {ip} 192.0.2.1 40000 25\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut c = Client::over(tcp);
-    let first = c.reply().await;
-    (c, first)
+    Client::proxied(addr, ip).await
 }
 
 /// Many addresses (through a trusted balancer speaking the PROXY protocol) fill

@@ -606,16 +606,7 @@ fn admin_config() -> AdminConfig {
 
 /// Connects as `ip` through a PROXY header; returns the client and the first reply.
 async fn as_client(smtp: SocketAddr, ip: &str) -> (Client, String) {
-    let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(smtp))
-        .await
-        .unwrap()
-        .unwrap();
-    tcp.write_all(format!("PROXY TCP4 {ip} 192.0.2.1 40000 25\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut c = Client::over(tcp);
-    let first = c.reply().await;
-    (c, first)
+    Client::proxied(smtp, ip).await
 }
 
 /// The greylisted triplet: returns the client (after RCPT) and the RCPT reply.

@@ -193,16 +193,7 @@ async fn behind_proxy(sink: &Sink, dns: &TestDns, extra: &str) -> thassp::server
 
 /// Connects as `ip` through the PROXY header; returns the client and the first reply.
 async fn as_client(running: &thassp::server::Running, ip: &str) -> (Client, String) {
-    use tokio::io::AsyncWriteExt;
-    let mut tcp = tokio::net::TcpStream::connect(running.smtp_addrs[0])
-        .await
-        .unwrap();
-    tcp.write_all(format!("PROXY TCP4 {ip} 192.0.2.1 40000 25\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut c = Client::over(tcp);
-    let first = c.reply().await;
-    (c, first)
+    Client::proxied(running.smtp_addrs[0], ip).await
 }
 
 fn bl(ip: &str, zone: &str) -> String {

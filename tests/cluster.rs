@@ -131,14 +131,7 @@ async fn node(
 
 /// A client presenting `ip` through the PROXY header; returns it and its first reply.
 async fn as_client(addr: SocketAddr, ip: &str) -> (Client, String) {
-    use tokio::io::AsyncWriteExt;
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("PROXY TCP4 {ip} 192.0.2.1 40000 25\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut c = Client::over(tcp);
-    let first = c.reply().await;
-    (c, first)
+    Client::proxied(addr, ip).await
 }
 
 async fn rcpt(addr: SocketAddr, ip: &str, from: &str, to: &str) -> (Client, String) {

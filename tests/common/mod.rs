@@ -437,6 +437,22 @@ impl Client {
         }
     }
 
+    /// Connects through a PROXY protocol v1 header presenting `ip` as the client (the
+    /// listener must trust loopback); returns the client and the first reply.
+    pub async fn proxied(addr: SocketAddr, ip: &str) -> (Self, String) {
+        let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        tcp.set_nodelay(true).unwrap();
+        tcp.write_all(format!("PROXY TCP4 {ip} 192.0.2.1 40000 25\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut c = Self::over(tcp);
+        let first = c.reply().await;
+        (c, first)
+    }
+
     /// A client over an already connected stream (e.g. after writing a PROXY header).
     pub fn over(stream: impl Io + 'static) -> Self {
         Self {
