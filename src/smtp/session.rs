@@ -1046,30 +1046,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.summary.check = check;
             return self.error_reply(&refusal.reply);
         }
-        let adv = self.advertised.clone().unwrap_or_default();
+        // Only the flags: cloning the capabilities would copy their lists on every MAIL.
+        let (size, eight_bit_mime, utf8, dsn) = self
+            .advertised
+            .as_ref()
+            .map_or((false, false, false, false), |a| {
+                (a.size.is_some(), a.eight_bit_mime, a.smtputf8, a.dsn)
+            });
         let mut smtputf8 = false;
         let mut declared_size = None;
         for p in &params {
             let value = p.value.as_deref();
             let ok = match (p.key.as_str(), value) {
-                ("SIZE", Some(v)) if adv.size.is_some() => match v.parse::<u64>() {
+                ("SIZE", Some(v)) if size => match v.parse::<u64>() {
                     Ok(n) => {
                         declared_size = Some(n);
                         true
                     }
                     Err(_) => false,
                 },
-                ("BODY", Some(v)) if adv.eight_bit_mime => {
+                ("BODY", Some(v)) if eight_bit_mime => {
                     v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME")
                 }
-                ("SMTPUTF8", None) if adv.smtputf8 => {
+                ("SMTPUTF8", None) if utf8 => {
                     smtputf8 = true;
                     true
                 }
-                ("RET", Some(v)) if adv.dsn => {
-                    v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS")
-                }
-                ("ENVID", Some(_)) if adv.dsn => true,
+                ("RET", Some(v)) if dsn => v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS"),
+                ("ENVID", Some(_)) if dsn => true,
                 _ => {
                     let r = Reply::build(555, "5.5.4", format!("Unsupported MAIL parameter {}", p.key));
                     return self.error_reply(&r);
@@ -1272,11 +1276,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "Too many recipients in this session, try again later",
             ));
         }
-        let adv = self.advertised.clone().unwrap_or_default();
+        let dsn = self.advertised.as_ref().is_some_and(|a| a.dsn);
         for p in &params {
             let ok = match (p.key.as_str(), p.value.as_deref()) {
-                ("NOTIFY", Some(v)) if adv.dsn => valid_notify(v),
-                ("ORCPT", Some(v)) if adv.dsn => v.contains(';'),
+                ("NOTIFY", Some(v)) if dsn => valid_notify(v),
+                ("ORCPT", Some(v)) if dsn => v.contains(';'),
                 _ => {
                     let r = Reply::build(555, "5.5.4", format!("Unsupported RCPT parameter {}", p.key));
                     return self.error_reply(&r);
