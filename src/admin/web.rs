@@ -689,6 +689,11 @@ fn colour(category: &str) -> &'static str {
         .map_or("#9ca3af", |c| PALETTE[category_index(*c) % PALETTE.len()])
 }
 
+/// A failed service call, shown in place of the page's table.
+fn push_error(b: &mut String, e: ServiceError) {
+    let _ = write!(b, "<p class=\"err\">{}</p>", esc(&AppError::from(e).message));
+}
+
 fn page(title: &str, flash: &Flash, body: &str) -> Html<String> {
     let mut out = String::with_capacity(body.len() + 2048);
     let _ = write!(
@@ -1093,9 +1098,7 @@ async fn lists_page(State(s): State<Web>, f: Result<Query<Flash>, QueryRejection
                 b.push_str("<p>Only the first entries are shown.</p>");
             }
         }
-        Err(e) => {
-            let _ = write!(b, "<p class=\"err\">{}</p>", esc(&AppError::from(e).message));
-        }
+        Err(e) => push_error(&mut b, e),
     }
     page("Lists", &flash, &b)
 }
@@ -1190,9 +1193,7 @@ async fn grey_page(
                 b.push_str("<p>More entries match; narrow the search.</p>");
             }
         }
-        Err(e) => {
-            let _ = write!(b, "<p class=\"err\">{}</p>", esc(&AppError::from(e).message));
-        }
+        Err(e) => push_error(&mut b, e),
     }
     page("Greylist", &flash, &b)
 }
@@ -1244,9 +1245,7 @@ async fn blocks_page(State(s): State<Web>, f: Result<Query<Flash>, QueryRejectio
             }
             b.push_str("</table>");
         }
-        Err(e) => {
-            let _ = write!(b, "<p class=\"err\">{}</p>", esc(&AppError::from(e).message));
-        }
+        Err(e) => push_error(&mut b, e),
     }
     b.push_str("<h2>Failures and tarpit</h2>");
     match s.service.tarpit(500).await {
@@ -1266,9 +1265,7 @@ async fn blocks_page(State(s): State<Web>, f: Result<Query<Flash>, QueryRejectio
             }
             b.push_str("</table>");
         }
-        Err(e) => {
-            let _ = write!(b, "<p class=\"err\">{}</p>", esc(&AppError::from(e).message));
-        }
+        Err(e) => push_error(&mut b, e),
     }
     page("Blocks", &flash, &b)
 }
@@ -1396,9 +1393,7 @@ async fn events_page(State(s): State<Web>, q: Result<Query<EventParams>, QueryRe
                 let _ = write!(b, "<p><a href=\"{}\" id=\"older\">Older →</a></p>", esc(&link));
             }
         }
-        Err(e) => {
-            let _ = write!(b, "<p class=\"err\">{}</p>", esc(&AppError::from(e).message));
-        }
+        Err(e) => push_error(&mut b, e),
     }
     page("Events", &Flash::default(), &b)
 }
@@ -1437,9 +1432,7 @@ fn config_html(s: &Web, flash: &Flash, candidate: Option<(&str, &service::CheckR
         Ok(t) => {
             let _ = write!(b, "<pre id=\"config\">{}</pre>", esc(&t));
         }
-        Err(e) => {
-            let _ = write!(b, "<p class=\"err\">{}</p>", esc(&AppError::from(e).message));
-        }
+        Err(e) => push_error(&mut b, e),
     }
     page("Configuration", flash, &b)
 }
