@@ -773,25 +773,9 @@ async fn shutdown_deadline_closes_stuck_transactions() {
 #[tokio::test]
 async fn connection_cap_answers_421() {
     let sink = Sink::start().await;
-    let text = format!(
-        r#"
-        [server]
-        hostname = "mx.thassp.test"
-        max_connections = 2
-        [[listener]]
-        address = "127.0.0.1:0"
-        [upstream.main]
-        address = "{}"
-        [domains]
-        local = ["example.com"]
-        [store]
-        backend = "memory"
-        [events]
-        url = ""
-        "#,
-        sink.addr
-    );
-    let running = start(Config::from_toml(&text, "t").unwrap()).await;
+    let mut cfg = config(sink.addr, "", "");
+    cfg.server.max_connections = 2;
+    let running = start(cfg).await;
     let addr = running.smtp_addrs[0];
     let _a = Client::greeted(addr).await;
     let _b = Client::greeted(addr).await;
