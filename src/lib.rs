@@ -10,7 +10,7 @@
 //! - [`smtp::codec`]: sans-IO wire format: commands, replies, DATA framing, dot-stuffing.
 //! - [`smtp::address`]: envelope address parsing that keeps every relay trick visible.
 //! - [`smtp::session`]: the client-side state machine; asks the policy at each stage.
-//! - [`smtp::relay`]: the client towards the upstream MTA (lockstep).
+//! - [`smtp::relay`]: the client towards the upstream MTA (pipelined when it offers it).
 //! - [`upstream`]: upstream MTAs, their probed capabilities, and domain routing.
 //! - [`dns`]: the one resolver (config, lookups, reverse DNS with forward confirmation).
 //! - [`policy`]: stages, verdicts, the `Check` trait and the pipeline; one file per check.

@@ -234,14 +234,6 @@ impl Routes {
         self.default.as_ref().or_else(|| self.upstreams.first())
     }
 
-    /// The upstream every local domain goes to, when there is only one: then the upstream
-    /// session can open at MAIL FROM, before any recipient names the route.
-    pub fn single_upstream(&self) -> Option<&Arc<Upstream>> {
-        let mut all = self.exact.values().chain(self.suffixes.iter().map(|(_, u)| u));
-        let first = all.next()?;
-        all.all(|u| Arc::ptr_eq(u, first)).then_some(first)
-    }
-
     /// Capabilities every upstream offers (thassp may advertise only those), or `None` when
     /// no upstream has been reached yet.
     pub fn common_capabilities(&self) -> Option<Capabilities> {
@@ -304,9 +296,6 @@ mod tests {
         assert!(r.route("example.com.").is_none());
         assert!(r.route("evil.example.com").is_none());
         assert!(r.route("xexample.com").is_none());
-        assert!(r.single_upstream().is_none());
-        let r = Routes::build(&config(""), None).unwrap();
-        assert_eq!(r.single_upstream().unwrap().name, "a");
     }
 
     #[test]

@@ -169,8 +169,9 @@ impl GreylistCheck {
         for key in [&awl_net, &awl_tuple] {
             if self.store.get(Ns::Awl, key).await.map_err(err)?.is_some() {
                 if record {
-                    // Renewed by each accepted recipient.
-                    self.store.put(Ns::Awl, key, "1", Some(awl)).await.map_err(err)?;
+                    // Renewed by each accepted recipient. A failed renewal (store full or
+                    // away) must not refuse a sender already known good: the entry stands.
+                    self.best_effort(self.store.put(Ns::Awl, key, "1", Some(awl)).await);
                 }
                 return Ok(Outcome::Pass);
             }
@@ -203,19 +204,22 @@ impl GreylistCheck {
             return Ok(Outcome::Wait(self.config.embargo - age));
         }
         if record {
-            self.store
-                .put(Ns::Awl, &awl_net, "1", Some(awl))
-                .await
-                .map_err(err)?;
+            // The triplet waited its embargo: it passes even when the store cannot take the
+            // auto-whitelisting now (the triplet then simply stays until it can).
+            self.best_effort(self.store.put(Ns::Awl, &awl_net, "1", Some(awl)).await);
             if !sender_domain.is_empty() {
-                self.store
-                    .put(Ns::Awl, &awl_tuple, "1", Some(awl))
-                    .await
-                    .map_err(err)?;
+                self.best_effort(self.store.put(Ns::Awl, &awl_tuple, "1", Some(awl)).await);
             }
-            self.store.delete(Ns::Grey, &triplet).await.map_err(err)?;
+            self.best_effort(self.store.delete(Ns::Grey, &triplet).await.map(|_| ()));
         }
         Ok(Outcome::Pass)
+    }
+
+    /// A write whose failure must not change the verdict; the store counts its errors.
+    fn best_effort(&self, result: Result<(), crate::store::StoreError>) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "Greylisting could not update the store; the verdict stands.");
+        }
     }
 
     /// True when SPF passed for a sender domain listed in `skip_spf_pass`.

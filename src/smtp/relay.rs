@@ -1,5 +1,6 @@
-//! The client side towards the upstream MTA: connect, greeting, EHLO, then one command and
-//! one reply at a time (lockstep), and the message in one write. Every failure is a
+//! The client side towards the upstream MTA: connect, greeting, EHLO, then commands —
+//! pipelined (RFC 2920) when the MTA offers it, else one at a time — and the message in one
+//! write. Every failure is a
 //! [`RelayError`] that says which stage failed, so the session can answer the client 4xx.
 
 use std::net::{IpAddr, SocketAddr};
@@ -130,6 +131,8 @@ pub struct UpstreamConn {
     pub tls: Option<(String, String)>,
     /// The MTA accepted XCLIENT: it sees the real client for the whole connection.
     pub xclient_done: bool,
+    /// DATA was written and its reply not read yet (see [`Self::send_data_early`]).
+    data_sent: bool,
     client: Option<ClientIdentity>,
 }
 
@@ -193,6 +196,7 @@ impl UpstreamConn {
             broken: false,
             tls: None,
             xclient_done: false,
+            data_sent: false,
             client: client.cloned(),
         };
         let greeting = conn.read_reply("greeting", upstream.command_timeout).await?;
@@ -379,9 +383,79 @@ impl UpstreamConn {
 
     /// Sends one command line (CRLF included) and reads its reply.
     pub async fn command(&mut self, line: &[u8], stage: &'static str) -> Result<Reply, RelayError> {
+        self.refuse_inside_data(stage)?;
         self.write(line, stage).await?;
         let timeout = self.upstream.command_timeout;
         self.read_reply(stage, timeout).await
+    }
+
+    /// Sends a group of commands and reads their replies. When the MTA offers PIPELINING
+    /// (RFC 2920) the group goes out in one write and every reply is read, saving a round
+    /// trip per command; otherwise one command at a time, stopping after the first reply
+    /// that is not positive (the rest would only be answered 503). Either way the replies
+    /// come back in order, possibly fewer than the commands.
+    pub async fn pipeline(&mut self, lines: &[(&[u8], &'static str)]) -> Result<Vec<Reply>, RelayError> {
+        let timeout = self.upstream.command_timeout;
+        self.refuse_inside_data(lines.first().map_or("MAIL", |l| l.1))?;
+        let mut replies = Vec::with_capacity(lines.len());
+        if self.caps.pipelining && lines.len() > 1 {
+            let group: Vec<u8> = lines.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+            self.write(&group, lines[0].1).await?;
+            for (_, stage) in lines {
+                let reply = self.read_reply(stage, timeout).await?;
+                let closing = reply.code == 421;
+                replies.push(reply);
+                if closing {
+                    break;
+                }
+            }
+            return Ok(replies);
+        }
+        for (line, stage) in lines {
+            let reply = self.command(line, stage).await?;
+            let go_on = reply.is_positive();
+            replies.push(reply);
+            if !go_on {
+                break;
+            }
+        }
+        Ok(replies)
+    }
+
+    /// Sends DATA without waiting for its reply, so the MTA's `354` travels while the client
+    /// is still sending the message; [`Self::data_reply`] collects it. Until then the
+    /// connection is inside DATA: if the message is not sent after all, the connection must
+    /// be dropped (there is no way to cancel DATA in SMTP).
+    pub async fn send_data_early(&mut self) -> Result<(), RelayError> {
+        self.write(b"DATA\r\n", "DATA").await?;
+        self.data_sent = true;
+        Ok(())
+    }
+
+    /// The reply to DATA: the one sent early, or DATA sent now.
+    pub async fn data(&mut self) -> Result<Reply, RelayError> {
+        if std::mem::take(&mut self.data_sent) {
+            let timeout = self.upstream.command_timeout;
+            return self.read_reply("DATA", timeout).await;
+        }
+        self.command(b"DATA\r\n", "DATA").await
+    }
+
+    /// After an early DATA only the message may follow: a command would become message text.
+    fn refuse_inside_data(&mut self, stage: &'static str) -> Result<(), RelayError> {
+        if self.data_sent {
+            self.broken = true;
+            return Err(RelayError::Closed {
+                name: self.upstream.name.clone(),
+                stage,
+            });
+        }
+        Ok(())
+    }
+
+    /// DATA was sent early and its message will not follow: the connection cannot be used.
+    pub fn inside_data(&self) -> bool {
+        self.data_sent
     }
 
     /// Sends the prepared message (dot-stuffed, ending in `.\r\n`) in one write and reads the
@@ -476,7 +550,8 @@ impl UpstreamConn {
 
     /// Says QUIT and closes, waiting briefly for the reply; errors no longer matter here.
     pub async fn quit(mut self) {
-        if self.broken {
+        // Inside DATA, "QUIT" would be message text: just close.
+        if self.broken || self.data_sent {
             return;
         }
         if self.write(b"QUIT\r\n", "QUIT").await.is_ok() {

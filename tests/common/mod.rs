@@ -111,6 +111,8 @@ pub struct SinkState {
     pub authenticated: Vec<String>,
     /// XCLIENT and XFORWARD command lines received.
     pub forwarded: Vec<String>,
+    /// Command lines that arrived with more input already behind them (pipelined).
+    pub pipelined: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -240,7 +242,13 @@ async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(
         let Some(line) = sink_line(&mut stream, &mut buf, st, idx).await? else {
             return Ok(None);
         };
-        st.lock().unwrap().commands.push(line.clone());
+        {
+            let mut s = st.lock().unwrap();
+            s.commands.push(line.clone());
+            if !buf.is_empty() {
+                s.pipelined.push(line.clone());
+            }
+        }
         let b = st.lock().unwrap().behaviour.clone();
         let upper = line.to_ascii_uppercase();
         let reply = if upper.starts_with("EHLO") {
