@@ -72,7 +72,8 @@ const GET: &str = "SELECT value, expires_ms FROM thassp_state
 const PUT: &str = "INSERT INTO thassp_state (ns, key, value, expires_ms) VALUES (?1, ?2, ?3, ?4)
     ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_ms = excluded.expires_ms";
 
-/// Writes only over a missing or expired row; the RETURNING row says whether it wrote.
+/// Writes only over a missing or expired row; the RETURNING row says whether it wrote (read
+/// with `fetch_all`: see [`rows_first`]).
 const PUT_IF_ABSENT: &str = "INSERT INTO thassp_state (ns, key, value, expires_ms) VALUES (?1, ?2, ?3, ?4)
     ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_ms = excluded.expires_ms
     WHERE thassp_state.expires_ms IS NOT NULL AND thassp_state.expires_ms <= ?5
@@ -343,6 +344,14 @@ fn record(value: String, expires_ms: Option<i64>) -> Record {
     }
 }
 
+/// The first row of a write's RETURNING output. Writes use `fetch_all`, never
+/// `fetch_optional`: SQLite commits an autocommit statement only when it is stepped to the
+/// end, and a commit that fails there (a full disk: SQLITE_FULL) would go unseen if the
+/// statement were dropped after its first row — the write reported done, yet rolled back.
+fn rows_first(rows: Vec<SqliteRow>) -> Option<SqliteRow> {
+    rows.into_iter().next()
+}
+
 fn row_record(row: &SqliteRow, value_col: usize) -> Result<Record, sqlx::Error> {
     Ok(record(row.try_get(value_col)?, row.try_get(value_col + 1)?))
 }
@@ -399,23 +408,23 @@ impl Store for SqliteStore {
                 .bind(value)
                 .bind(expiry_ms(now, ttl).map(to_i64))
                 .bind(to_i64(now))
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
                 .await
                 .map_err(|e| self.failed(e))?;
-            Ok(row.is_some())
+            Ok(!row.is_empty())
         })
     }
 
     fn delete<'a>(&'a self, ns: Ns, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let now = self.now_ms();
-            let row = sqlx::query(DELETE)
+            let rows = sqlx::query(DELETE)
                 .bind(ns.as_str())
                 .bind(key)
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
                 .await
                 .map_err(|e| self.failed(e))?;
-            let Some(row) = row else { return Ok(false) };
+            let Some(row) = rows.first() else { return Ok(false) };
             let expires: Option<i64> = row.try_get(0).map_err(|e| self.failed(e))?;
             Ok(expires.is_none_or(|e| e > now))
         })
@@ -439,10 +448,10 @@ impl Store for SqliteStore {
                 .bind(to_i64(now.saturating_add(ttl_ms(ttl))))
                 .bind(to_i64(now))
                 .bind(by)
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
                 .await
                 .map_err(|e| self.failed(e))?;
-            let Some(row) = row else {
+            let Some(row) = rows_first(row) else {
                 return Err(StoreError::Backend(format!("{ns}:{key} is not a counter")));
             };
             let value: String = row.try_get(0).map_err(|e| self.failed(e))?;
