@@ -183,14 +183,13 @@ impl Acceptor {
             };
             let _ = stream.set_nodelay(true);
             let snap = self.app.snapshot();
-            let listener = snap
+            let index = snap
                 .config
                 .listeners
                 .iter()
-                .find(|l| l.address == self.configured)
-                .cloned();
+                .position(|l| l.address == self.configured);
+            let listener = index.and_then(|i| snap.config.listeners.get(i));
             let hostname = listener
-                .as_ref()
                 .and_then(|l| l.hostname.clone())
                 .unwrap_or_else(|| snap.hostname.clone());
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
@@ -199,41 +198,42 @@ impl Acceptor {
             };
             let policy = ListenerPolicy {
                 tls: snap.listener_tls.get(&self.configured).cloned(),
-                implicit_tls: listener
-                    .as_ref()
-                    .is_some_and(|l| l.tls_mode() == ListenerTls::Implicit),
-                require_tls: listener.as_ref().is_some_and(|l| l.require_tls),
-                auth: listener.as_ref().map(|l| l.auth).unwrap_or_default(),
+                implicit_tls: listener.is_some_and(|l| l.tls_mode() == ListenerTls::Implicit),
+                require_tls: listener.is_some_and(|l| l.require_tls),
+                auth: listener.map(|l| l.auth).unwrap_or_default(),
             };
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let local = stream.local_addr().unwrap_or(peer);
-            let info = SessionInfo {
-                id: session_id(),
-                peer,
-                local,
-                hostname,
-                helo: None,
-                esmtp: false,
-                authenticated: None,
-                tls: None,
-                proxied_by: None,
-                health_check: false,
-            };
-            let span = info_span!("session", id = %info.id, client = %peer);
+            let id = session_id();
+            let span = info_span!("session", id = %id, client = %peer);
             let phase = self.app.phase();
             let kill = self.kill.clone();
+            // One allocation per connection, sized to the session: boxed, the connection's
+            // future is not laid out twice by select!, and the task stays small. It captures
+            // as little as possible: captured values stay in it for the whole session.
+            let connection = Box::pin(async move {
+                Counters::bump(&snap.counters.sessions);
+                let info = SessionInfo {
+                    id,
+                    peer,
+                    local,
+                    hostname,
+                    helo: None,
+                    esmtp: false,
+                    authenticated: None,
+                    tls: None,
+                    proxied_by: None,
+                    health_check: false,
+                };
+                let listener = index.and_then(|i| snap.config.listeners.get(i));
+                let Some((stream, info)) = accept_proxy(stream, info, listener, &snap.counters).await else {
+                    return;
+                };
+                Session::new(stream, snap, info, policy, phase).run().await;
+            });
             self.tracker.spawn(
                 async move {
                     let _permit = permit;
-                    let connection = async move {
-                        Counters::bump(&snap.counters.sessions);
-                        let Some((stream, info)) =
-                            accept_proxy(stream, info, listener.as_ref(), &snap.counters).await
-                        else {
-                            return;
-                        };
-                        Session::new(stream, snap, info, policy, phase).run().await;
-                    };
                     tokio::select! {
                         () = connection => {}
                         () = kill.cancelled() => {}

@@ -32,6 +32,9 @@ type ClientStream<S> = MaybeTls<S, tokio_rustls::server::TlsStream<S>>;
 
 /// RFC 4954 §4: a SASL response line may be up to 12288 octets.
 const AUTH_LINE_MAX: usize = 12288;
+/// Read buffer room while reading commands and inside DATA.
+const COMMAND_READ: usize = 512;
+const DATA_READ: usize = 16 * 1024;
 /// Time allowed for a TLS handshake with the client.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -135,8 +138,9 @@ pub struct Session<S> {
     shutdown: watch::Receiver<Phase>,
     /// What our last EHLO reply advertised: MAIL/RCPT parameters are checked against it.
     advertised: Option<Capabilities>,
-    tx: Option<Transaction>,
-    upstream: Option<UpstreamConn>,
+    // Boxed: most of the time a session has neither, and an idle session should be small.
+    tx: Option<Box<Transaction>>,
+    upstream: Option<Box<UpstreamConn>>,
     errors: u32,
     /// Shared facts (PTR) computed once for all checks.
     facts: SessionFacts,
@@ -186,8 +190,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Self {
             io: MaybeTls::Plain(io),
             listener,
-            rbuf: BytesMut::with_capacity(4096),
-            wbuf: Vec::with_capacity(1024),
+            // Both grow on first use: an idle connection should cost as little as possible.
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
             snap,
             info,
             shutdown,
@@ -229,8 +234,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Runs the session to its end and returns what happened.
-    pub async fn run(mut self) -> SessionSummary {
-        let result = self.serve().await;
+    ///
+    /// Not an `async fn`: one would keep `self` twice in its future (its argument and the
+    /// body's copy), and this future is what every waiting connection costs.
+    #[allow(clippy::manual_async_fn, reason = "an async fn stores self twice")]
+    pub fn run(mut self) -> impl Future<Output = SessionSummary> + Send
+    where
+        S: 'static,
+    {
+        async move {
+            let result = self.serve().await;
+            // The teardown's futures in a box of their own: inline they would enlarge the
+            // future every waiting session is held in.
+            Box::pin(self.finish(result)).await
+        }
+    }
+
+    async fn finish(mut self, result: Result<(), Stop>) -> SessionSummary {
         let stop_reply = match &result {
             Ok(()) | Err(Stop::Closed) | Err(Stop::ClientGone) => None,
             Err(Stop::Timeout) => Some(Reply::build(
@@ -255,7 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let _ = self.flush().await;
         let _ = self.io.shutdown().await;
         if let Some(up) = self.upstream.take() {
-            up.quit().await;
+            Box::pin(up.quit()).await;
         }
         // A transaction still open when the session ended was abandoned.
         if self.tx.is_some() {
@@ -305,14 +325,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn serve(&mut self) -> Result<(), Stop> {
+        // Rare or one-off steps with large futures are boxed (here and for each command):
+        // the session's task then stays small while it waits for the client, which is what
+        // thousands of idle or tarpitted connections cost.
         if self.listener.implicit_tls {
-            self.tls_handshake().await?;
+            Box::pin(self.tls_handshake()).await?;
         }
-        let decision = self
-            .snap
-            .pipeline
-            .run(&self.context(Stage::Connect, None, None, &self.session_exempt))
-            .await;
+        let decision = Box::pin(self.snap.pipeline.run(&self.context(
+            Stage::Connect,
+            None,
+            None,
+            &self.session_exempt,
+        )))
+        .await;
         self.session_exempt.add(&decision.exempt);
         self.session_score += decision.score;
         if let Some(refusal) = refusal_of(&decision.action) {
@@ -402,7 +427,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.early_talker("sent commands without waiting for replies (no PIPELINING)")?;
             }
             self.seen_command = true;
-            self.handle_line(&line).await?;
+            Box::pin(self.handle_line(&line)).await?;
         }
     }
 
@@ -534,12 +559,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Reads more input. Replies queued so far are written first (RFC 2920: a server may
     /// hold replies only while more pipelined commands are already buffered).
     async fn fill(&mut self, timeout: Duration, interruptible: bool) -> Result<(), Stop> {
+        self.fill_reserving(timeout, interruptible, COMMAND_READ).await
+    }
+
+    /// [`Self::fill`] with room for `reserve` more bytes: small while commands are read (a
+    /// waiting connection holds this buffer), larger inside DATA.
+    async fn fill_reserving(
+        &mut self,
+        timeout: Duration,
+        interruptible: bool,
+        reserve: usize,
+    ) -> Result<(), Stop> {
         self.flush().await?;
         let stops = |p: Phase| p == Phase::Deadline || (interruptible && p == Phase::Draining);
         if stops(*self.shutdown.borrow()) {
             return Err(Stop::Shutdown);
         }
-        self.rbuf.reserve(4096);
+        self.rbuf.reserve(reserve);
         let shutdown = &mut self.shutdown;
         let wait_shutdown = async {
             loop {
@@ -847,7 +883,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let identity = self.identity();
             match UpstreamConn::connect(&up, Some(&identity)).await {
-                Ok(c) => self.upstream = Some(c),
+                Ok(c) => self.upstream = Some(Box::new(c)),
                 Err(e) => {
                     self.upstream_failure(&e);
                     return self.error_reply(&Reply::build(454, "4.7.0", "Temporary authentication failure"));
@@ -1114,7 +1150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             *r = Default::default();
         }
         let mail_started = Instant::now();
-        self.tx = Some(Transaction {
+        self.tx = Some(Box::new(Transaction {
             from,
             params,
             smtputf8,
@@ -1131,7 +1167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 score: self.session_score,
                 ..TxLog::default()
             },
-        });
+        }));
         let decision = self
             .snap
             .pipeline
@@ -1183,7 +1219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let identity = self.identity();
             match UpstreamConn::connect(up, Some(&identity)).await {
-                Ok(c) => self.upstream = Some(c),
+                Ok(c) => self.upstream = Some(Box::new(c)),
                 Err(e) => return Err(self.upstream_failure(&e)),
             }
         }
@@ -1480,6 +1516,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&Reply::build(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"));
         let data_started = Instant::now();
         let (message, violation) = self.read_message(expected).await?;
+        if self.rbuf.is_empty() && self.rbuf.capacity() > COMMAND_READ {
+            // Give back the DATA-sized buffer: the connection may now sit idle for long.
+            self.rbuf = BytesMut::new();
+        }
         if let Some(tx) = self.tx.as_mut() {
             tx.log.size = message.len() as u64;
             let (id, subject) = message_id_and_subject(&message, self.snap.config.events.log_subject);
@@ -1636,7 +1676,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if left.is_zero() {
                 return Err(Stop::Timeout);
             }
-            self.fill(block.min(left), false).await?;
+            self.fill_reserving(block.min(left), false, DATA_READ).await?;
         }
     }
 
@@ -1803,7 +1843,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// delivered), the session's summary, and one row for the event log.
     fn end_transaction(&mut self, outcome: Option<(Category, Option<&'static str>)>, reply: Option<&Reply>) {
         let Some(tx) = self.tx.take() else { return };
-        if self.upstream.as_ref().is_some_and(UpstreamConn::inside_data) {
+        if self.upstream.as_ref().is_some_and(|c| c.inside_data()) {
             // DATA went upstream early and its message will not follow: closing is the only
             // way out, and the MTA discards the open transaction.
             self.upstream = None;
