@@ -247,6 +247,36 @@ async fn reverse_dns_with_forward_confirmation() {
     assert_eq!(rev("2001:db8::25").await, Ptr::Confirmed("v6.example".into()));
 }
 
+#[tokio::test]
+async fn huge_answers_cost_bounded_work() {
+    // 300 PTR names (about 9 KB, over TCP) for one address, and 240 TXT strings (60 KB).
+    let mut records = Records::new();
+    for i in 0..300 {
+        records = records.ptr("192.0.2.50", &format!("host-{i:03}.many.example"));
+    }
+    for i in 0..240 {
+        records = records.txt("fat.example", &format!("{i:03}{}", "t".repeat(247)));
+    }
+    let dns = TestDns::start(records).await;
+    let r = dns.resolver();
+    let started = Instant::now();
+    let ptr = r.reverse("192.0.2.50".parse().unwrap()).await;
+    // None of the names resolves: unconfirmed, after at most 10 forward lookups.
+    assert!(
+        matches!(&ptr, Ptr::Unconfirmed(n) if n.ends_with(".many.example")),
+        "{ptr:?}"
+    );
+    let forward = dns
+        .queries()
+        .iter()
+        .filter(|(q, _, _)| q.ends_with(".many.example"))
+        .count();
+    assert!(forward <= 2 * 10, "{forward} forward lookups for one client");
+    let txt = r.txt("fat.example").await.unwrap();
+    assert_eq!(txt.len(), 240);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
 fn name_of(ip: &str) -> String {
     let ip: std::net::IpAddr = ip.parse().unwrap();
     hickory_proto::rr::Name::from(ip).to_ascii()
