@@ -23,6 +23,18 @@
 //! - `thassp_state_expires` on `thassp_state (expires_ms) WHERE expires_ms IS NOT NULL`:
 //!   the purge finds expired rows without a table scan.
 //!
+//! # Hot cache
+//!
+//! Every connection reads its client's blocks and reputation counters, and every accepted
+//! recipient the auto-whitelist: three or four statements, each a hop to an SQLite worker
+//! thread and back (measured: about a quarter of thassp's CPU with one connection per
+//! message). Those namespaces ([`HOT`]) are answered from an in-process copy, "absent"
+//! included. The copy is exact because this process is the file's only writer: every write
+//! goes through this store and updates or drops the entry, and an entry read from the file
+//! is kept only if no write happened meanwhile. It holds at most [`HOT_MAX`] keys (cleared
+//! when full). A second process writing the same file is not seen until the entry is
+//! dropped: do not share a state file between running thassp instances (use Redis).
+//!
 //! Expired rows are deleted every minute by a background task, in batches of 500 with a
 //! pause between batches so mail-path writes are never queued behind one long delete.
 
@@ -127,13 +139,77 @@ impl Drop for AbortOnDrop {
 pub struct SqliteStore {
     pool: SqlitePool,
     clock: Arc<dyn Clock>,
+    hot: Mutex<HotCache>,
     /// Failed statements since start, for [`Store::health`].
     errors: Arc<AtomicU64>,
     last_error: Arc<Mutex<Option<String>>>,
     purger: AbortOnDrop,
 }
 
+/// Namespaces read on every connection or recipient, kept in the [hot cache](self).
+const HOT: [Ns; 3] = [Ns::Block, Ns::Reputation, Ns::Awl];
+/// Keys the hot cache holds before it starts over.
+const HOT_MAX: usize = 100_000;
+
+/// A hot key's value and expiry (epoch ms); `None` = known absent.
+type Cached = Option<(String, Option<i64>)>;
+
+#[derive(Default)]
+struct HotCache {
+    entries: std::collections::HashMap<(Ns, String), Cached>,
+    /// Bumped by every write: a read that raced with one does not fill the cache.
+    writes: u64,
+}
+
+impl std::fmt::Debug for HotCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotCache")
+            .field("keys", &self.entries.len())
+            .finish()
+    }
+}
+
 impl SqliteStore {
+    fn hot(&self) -> std::sync::MutexGuard<'_, HotCache> {
+        self.hot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cached answer for a hot key: `Some(None)` = known absent (or expired).
+    fn hot_get(&self, ns: Ns, key: &str) -> Option<Option<Record>> {
+        if !HOT.contains(&ns) {
+            return None;
+        }
+        let now = self.now_ms();
+        let hot = self.hot();
+        let entry = hot.entries.get(&(ns, key.to_string()))?;
+        Some(match entry {
+            Some((value, expires)) if expires.is_none_or(|e| e > now) => {
+                Some(record(value.clone(), *expires))
+            }
+            _ => None,
+        })
+    }
+
+    /// Records what a write left behind (`None`: unknown, drop the entry).
+    fn hot_write(&self, ns: Ns, key: &str, after: Option<Cached>) {
+        if !HOT.contains(&ns) {
+            return;
+        }
+        let mut hot = self.hot();
+        hot.writes += 1;
+        match after {
+            Some(v) => {
+                if hot.entries.len() >= HOT_MAX {
+                    hot.entries.clear();
+                }
+                hot.entries.insert((ns, key.to_string()), v);
+            }
+            None => {
+                hot.entries.remove(&(ns, key.to_string()));
+            }
+        }
+    }
+
     /// Opens (creating if needed) the database at `path`, applies missing migrations and
     /// starts the purge of expired rows.
     ///
@@ -170,6 +246,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             clock,
+            hot: Mutex::new(HotCache::default()),
             errors,
             last_error,
             purger: AbortOnDrop(purger),
@@ -359,6 +436,10 @@ fn row_record(row: &SqliteRow, value_col: usize) -> Result<Record, sqlx::Error> 
 impl Store for SqliteStore {
     fn get<'a>(&'a self, ns: Ns, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
         Box::pin(async move {
+            if let Some(cached) = self.hot_get(ns, key) {
+                return Ok(cached);
+            }
+            let writes = self.hot().writes;
             let row = sqlx::query(GET)
                 .bind(ns.as_str())
                 .bind(key)
@@ -366,9 +447,20 @@ impl Store for SqliteStore {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(|e| self.failed(e))?;
-            row.map(|r| row_record(&r, 0))
+            let found = row
+                .map(|r| Ok::<_, sqlx::Error>((r.try_get::<String, _>(0)?, r.try_get::<Option<i64>, _>(1)?)))
                 .transpose()
-                .map_err(|e| self.failed(e))
+                .map_err(|e| self.failed(e))?;
+            if HOT.contains(&ns) {
+                let mut hot = self.hot();
+                if hot.writes == writes {
+                    if hot.entries.len() >= HOT_MAX {
+                        hot.entries.clear();
+                    }
+                    hot.entries.insert((ns, key.to_string()), found.clone());
+                }
+            }
+            Ok(found.map(|(value, expires)| record(value, expires)))
         })
     }
 
@@ -388,7 +480,11 @@ impl Store for SqliteStore {
                 .bind(expires)
                 .execute(&self.pool)
                 .await
-                .map_err(|e| self.failed(e))?;
+                .map_err(|e| {
+                    self.hot_write(ns, key, None);
+                    self.failed(e)
+                })?;
+            self.hot_write(ns, key, Some(Some((value.to_string(), expires))));
             Ok(())
         })
     }
@@ -410,8 +506,15 @@ impl Store for SqliteStore {
                 .bind(to_i64(now))
                 .fetch_all(&self.pool)
                 .await
-                .map_err(|e| self.failed(e))?;
-            Ok(!row.is_empty())
+                .map_err(|e| {
+                    self.hot_write(ns, key, None);
+                    self.failed(e)
+                })?;
+            let wrote = !row.is_empty();
+            let expires = expiry_ms(now, ttl).map(to_i64);
+            // Not written: someone's value is there; let the next read fetch it.
+            self.hot_write(ns, key, wrote.then(|| Some((value.to_string(), expires))));
+            Ok(wrote)
         })
     }
 
@@ -423,7 +526,11 @@ impl Store for SqliteStore {
                 .bind(key)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(|e| self.failed(e))?;
+                .map_err(|e| {
+                    self.hot_write(ns, key, None);
+                    self.failed(e)
+                })?;
+            self.hot_write(ns, key, Some(None));
             let Some(row) = rows.first() else { return Ok(false) };
             let expires: Option<i64> = row.try_get(0).map_err(|e| self.failed(e))?;
             Ok(expires.is_none_or(|e| e > now))
@@ -450,7 +557,12 @@ impl Store for SqliteStore {
                 .bind(by)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(|e| self.failed(e))?;
+                .map_err(|e| {
+                    self.hot_write(ns, key, None);
+                    self.failed(e)
+                })?;
+            // The counter's expiry is decided in SQL: the next read fetches both.
+            self.hot_write(ns, key, None);
             let Some(row) = rows_first(row) else {
                 return Err(StoreError::Backend(format!("{ns}:{key} is not a counter")));
             };
