@@ -1,7 +1,7 @@
 //! The client side towards the upstream MTA: connect, greeting, EHLO, then commands —
 //! pipelined (RFC 2920) when the MTA offers it, else one at a time — and the message in one
-//! write. Every failure is a
-//! [`RelayError`] that says which stage failed, so the session can answer the client 4xx.
+//! write. Every failure is a [`RelayError`] that says which stage failed, so the session can
+//! answer the client 4xx.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -423,7 +423,7 @@ impl UpstreamConn {
     }
 
     /// Sends DATA without waiting for its reply, so the MTA's `354` travels while the client
-    /// is still sending the message; [`Self::data_reply`] collects it. Until then the
+    /// is still sending the message; [`Self::data`] collects it. Until then the
     /// connection is inside DATA: if the message is not sent after all, the connection must
     /// be dropped (there is no way to cancel DATA in SMTP).
     pub async fn send_data_early(&mut self) -> Result<(), RelayError> {
