@@ -84,8 +84,12 @@ const GET: &str = "SELECT value, expires_ms FROM thassp_state
 const PUT: &str = "INSERT INTO thassp_state (ns, key, value, expires_ms) VALUES (?1, ?2, ?3, ?4)
     ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_ms = excluded.expires_ms";
 
-/// Writes only over a missing or expired row; the RETURNING row says whether it wrote (read
-/// with `fetch_all`: see [`rows_first`]).
+/// Writes only over a missing or expired row; the RETURNING row says whether it wrote.
+///
+/// Writes with RETURNING (this, `DELETE`, `INCR`) are read with `fetch_all`, never
+/// `fetch_optional`: SQLite commits an autocommit statement only when it is stepped to the
+/// end, and a commit that fails there (a full disk: SQLITE_FULL) would go unseen if the
+/// statement were dropped after its first row — the write reported done, yet rolled back.
 const PUT_IF_ABSENT: &str = "INSERT INTO thassp_state (ns, key, value, expires_ms) VALUES (?1, ?2, ?3, ?4)
     ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires_ms = excluded.expires_ms
     WHERE thassp_state.expires_ms IS NOT NULL AND thassp_state.expires_ms <= ?5
@@ -161,6 +165,16 @@ struct HotCache {
     writes: u64,
 }
 
+impl HotCache {
+    /// Sets a key, starting over when the cache is full.
+    fn fill(&mut self, ns: Ns, key: &str, value: Cached) {
+        if self.entries.len() >= HOT_MAX {
+            self.entries.clear();
+        }
+        self.entries.insert((ns, key.to_string()), value);
+    }
+}
+
 impl std::fmt::Debug for HotCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HotCache")
@@ -198,12 +212,7 @@ impl SqliteStore {
         let mut hot = self.hot();
         hot.writes += 1;
         match after {
-            Some(v) => {
-                if hot.entries.len() >= HOT_MAX {
-                    hot.entries.clear();
-                }
-                hot.entries.insert((ns, key.to_string()), v);
-            }
+            Some(v) => hot.fill(ns, key, v),
             None => {
                 hot.entries.remove(&(ns, key.to_string()));
             }
@@ -421,14 +430,6 @@ fn record(value: String, expires_ms: Option<i64>) -> Record {
     }
 }
 
-/// The first row of a write's RETURNING output. Writes use `fetch_all`, never
-/// `fetch_optional`: SQLite commits an autocommit statement only when it is stepped to the
-/// end, and a commit that fails there (a full disk: SQLITE_FULL) would go unseen if the
-/// statement were dropped after its first row — the write reported done, yet rolled back.
-fn rows_first(rows: Vec<SqliteRow>) -> Option<SqliteRow> {
-    rows.into_iter().next()
-}
-
 fn row_record(row: &SqliteRow, value_col: usize) -> Result<Record, sqlx::Error> {
     Ok(record(row.try_get(value_col)?, row.try_get(value_col + 1)?))
 }
@@ -439,7 +440,7 @@ impl Store for SqliteStore {
             if let Some(cached) = self.hot_get(ns, key) {
                 return Ok(cached);
             }
-            let writes = self.hot().writes;
+            let writes = HOT.contains(&ns).then(|| self.hot().writes);
             let row = sqlx::query(GET)
                 .bind(ns.as_str())
                 .bind(key)
@@ -451,13 +452,10 @@ impl Store for SqliteStore {
                 .map(|r| Ok::<_, sqlx::Error>((r.try_get::<String, _>(0)?, r.try_get::<Option<i64>, _>(1)?)))
                 .transpose()
                 .map_err(|e| self.failed(e))?;
-            if HOT.contains(&ns) {
+            if let Some(writes) = writes {
                 let mut hot = self.hot();
                 if hot.writes == writes {
-                    if hot.entries.len() >= HOT_MAX {
-                        hot.entries.clear();
-                    }
-                    hot.entries.insert((ns, key.to_string()), found.clone());
+                    hot.fill(ns, key, found.clone());
                 }
             }
             Ok(found.map(|(value, expires)| record(value, expires)))
@@ -473,18 +471,20 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let expires = expiry_ms(epoch_ms(self.clock.now()), ttl).map(to_i64);
-            sqlx::query(PUT)
+            let result = sqlx::query(PUT)
                 .bind(ns.as_str())
                 .bind(key)
                 .bind(value)
                 .bind(expires)
                 .execute(&self.pool)
-                .await
-                .map_err(|e| {
-                    self.hot_write(ns, key, None);
-                    self.failed(e)
-                })?;
-            self.hot_write(ns, key, Some(Some((value.to_string(), expires))));
+                .await;
+            // A failed write leaves the key unknown: dropped from the cache.
+            self.hot_write(
+                ns,
+                key,
+                result.is_ok().then(|| Some((value.to_string(), expires))),
+            );
+            result.map_err(|e| self.failed(e))?;
             Ok(())
         })
     }
@@ -498,22 +498,19 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let now = epoch_ms(self.clock.now());
-            let row = sqlx::query(PUT_IF_ABSENT)
+            let expires = expiry_ms(now, ttl).map(to_i64);
+            let rows = sqlx::query(PUT_IF_ABSENT)
                 .bind(ns.as_str())
                 .bind(key)
                 .bind(value)
-                .bind(expiry_ms(now, ttl).map(to_i64))
+                .bind(expires)
                 .bind(to_i64(now))
                 .fetch_all(&self.pool)
-                .await
-                .map_err(|e| {
-                    self.hot_write(ns, key, None);
-                    self.failed(e)
-                })?;
-            let wrote = !row.is_empty();
-            let expires = expiry_ms(now, ttl).map(to_i64);
-            // Not written: someone's value is there; let the next read fetch it.
+                .await;
+            let wrote = rows.as_ref().is_ok_and(|r| !r.is_empty());
+            // Not written (or failed): someone's value may be there; the next read fetches it.
             self.hot_write(ns, key, wrote.then(|| Some((value.to_string(), expires))));
+            rows.map_err(|e| self.failed(e))?;
             Ok(wrote)
         })
     }
@@ -525,12 +522,9 @@ impl Store for SqliteStore {
                 .bind(ns.as_str())
                 .bind(key)
                 .fetch_all(&self.pool)
-                .await
-                .map_err(|e| {
-                    self.hot_write(ns, key, None);
-                    self.failed(e)
-                })?;
-            self.hot_write(ns, key, Some(None));
+                .await;
+            self.hot_write(ns, key, rows.is_ok().then_some(None));
+            let rows = rows.map_err(|e| self.failed(e))?;
             let Some(row) = rows.first() else { return Ok(false) };
             let expires: Option<i64> = row.try_get(0).map_err(|e| self.failed(e))?;
             Ok(expires.is_none_or(|e| e > now))
@@ -548,7 +542,7 @@ impl Store for SqliteStore {
             let now = epoch_ms(self.clock.now());
             // SQLite integers are i64: a larger step saturates, as the counter does.
             let by = to_i64(by);
-            let row = sqlx::query(INCR)
+            let rows = sqlx::query(INCR)
                 .bind(ns.as_str())
                 .bind(key)
                 .bind(by.to_string())
@@ -556,14 +550,11 @@ impl Store for SqliteStore {
                 .bind(to_i64(now))
                 .bind(by)
                 .fetch_all(&self.pool)
-                .await
-                .map_err(|e| {
-                    self.hot_write(ns, key, None);
-                    self.failed(e)
-                })?;
+                .await;
             // The counter's expiry is decided in SQL: the next read fetches both.
             self.hot_write(ns, key, None);
-            let Some(row) = rows_first(row) else {
+            let rows = rows.map_err(|e| self.failed(e))?;
+            let Some(row) = rows.into_iter().next() else {
                 return Err(StoreError::Backend(format!("{ns}:{key} is not a counter")));
             };
             let value: String = row.try_get(0).map_err(|e| self.failed(e))?;
