@@ -4,10 +4,8 @@
 mod common;
 
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_thassp");
@@ -73,20 +71,6 @@ fn config_text(upstream: std::net::SocketAddr, hostname: &str) -> String {
     )
 }
 
-/// Waits until a log line contains `needle`; returns that line.
-async fn wait_log(lines: &Arc<Mutex<Vec<String>>>, needle: &str) -> String {
-    for _ in 0..500 {
-        if let Some(l) = lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "no log line with {needle:?} in:\n{}",
-        lines.lock().unwrap().join("\n")
-    );
-}
-
 fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
@@ -107,18 +91,8 @@ async fn run_relay_reload_and_terminate() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let reader = BufReader::new(child.stderr.take().unwrap());
-    let sink_lines = lines.clone();
-    tokio::spawn(async move {
-        let mut it = reader.lines();
-        while let Ok(Some(l)) = it.next_line().await {
-            sink_lines.lock().unwrap().push(l);
-        }
-    });
-    let line = wait_log(&lines, "Listening for SMTP.").await;
-    let addr_start = line.find("\"address\":\"").unwrap() + 11;
-    let addr: std::net::SocketAddr = line[addr_start..].split('"').next().unwrap().parse().unwrap();
+    let log = common::Log::capture(&mut child);
+    let addr = log.address("Listening for SMTP.").await;
 
     let mut c = common::Client::greeted(addr).await;
     let r = c
@@ -130,19 +104,19 @@ async fn run_relay_reload_and_terminate() {
         .await;
     assert!(r.starts_with("250"), "{r}");
     c.cmd("QUIT").await;
-    wait_log(&lines, "\"outcome\":\"delivered\"").await;
+    log.wait("\"outcome\":\"delivered\"").await;
 
     // A broken file: the reload is refused, the running configuration stays.
     std::fs::write(&path, "[smtp]\nmax_recipients = \"many\"\n").unwrap();
     signal(child.id().unwrap(), "HUP");
-    wait_log(&lines, "Reload failed").await;
+    log.wait("Reload failed").await;
     let mut c = common::Client::connect(addr).await;
     assert!(c.reply().await.contains("mx.one.test"));
 
     // A good file: new sessions use it.
     std::fs::write(&path, config_text(sink.addr, "mx.two.test")).unwrap();
     signal(child.id().unwrap(), "HUP");
-    wait_log(&lines, "Configuration reloaded.").await;
+    log.wait("Configuration reloaded.").await;
     let mut c2 = common::Client::connect(addr).await;
     assert!(c2.reply().await.contains("mx.two.test"));
 

@@ -11,10 +11,9 @@ mod common;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
@@ -55,22 +54,6 @@ fn config_text(upstream: SocketAddr, state: &std::path::Path) -> String {
         metrics_public = true
         "#
     )
-}
-
-/// Waits for a log line containing `needle` and returns the address in its `address` field.
-async fn logged_address(lines: &Arc<Mutex<Vec<String>>>, needle: &str) -> SocketAddr {
-    for _ in 0..500 {
-        let found = lines.lock().unwrap().iter().find(|l| l.contains(needle)).cloned();
-        if let Some(line) = found {
-            let start = line.find("\"address\":\"").unwrap() + 11;
-            return line[start..].split('"').next().unwrap().parse().unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "no log line with {needle:?} in:\n{}",
-        lines.lock().unwrap().join("\n")
-    );
 }
 
 /// The value of one metric sample (`name{labels}` exactly as exposed).
@@ -145,28 +128,20 @@ async fn sqlite_disk_full_tempfails_new_state_and_recovers() {
         .kill_on_drop(true)
         .spawn()
         .expect("unshare (util-linux) runs");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let reader = BufReader::new(child.stderr.take().unwrap());
-    let sink_lines = lines.clone();
-    tokio::spawn(async move {
-        let mut it = reader.lines();
-        while let Ok(Some(l)) = it.next_line().await {
-            sink_lines.lock().unwrap().push(l);
-        }
-    });
+    let log = common::Log::capture(&mut child);
     // A mount refused (no root, no CAP_SYS_ADMIN) ends the shell with 97 at once.
     if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
         let why = format!(
             "cannot mount a tmpfs in a private mount namespace ({status}): {}",
-            lines.lock().unwrap().join(" ")
+            log.text()
         );
         assert!(std::env::var_os("CI").is_none(), "{why}");
         println!("skipped: {why}");
         return;
     }
     let pid = child.id().unwrap();
-    let smtp = logged_address(&lines, "Listening for SMTP.").await;
-    let admin = logged_address(&lines, "Admin web").await;
+    let smtp = log.address("Listening for SMTP.").await;
+    let admin = log.address("Admin web").await;
     let seen = format!("/proc/{pid}/root{}", state.display());
 
     // Healthy: a new triplet is greylisted (written), a known sender is delivered.
@@ -239,6 +214,6 @@ async fn sqlite_disk_full_tempfails_new_state_and_recovers() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    let log = lines.lock().unwrap().join("\n");
-    assert!(!log.contains("panicked"), "{log}");
+    let text = log.text();
+    assert!(!text.contains("panicked"), "{text}");
 }

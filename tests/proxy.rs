@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Client, Final, MESSAGE, Sink, config, proxy, start, strip_received, wire};
+use common::{Client, Final, MESSAGE, Sink, config, proxy, proxy_with, start, strip_received, wire};
 use thassp::app::App;
 use thassp::config::Config;
 use thassp::policy::{BoxFuture, Category, Check, CheckError, Context, Refusal, Stage, Verdict};
@@ -75,12 +75,11 @@ async fn ehlo_reflects_upstream_extensions_and_params_pass_through() {
     running.shutdown().await;
 
     // An upstream without DSN: thassp does not advertise it and refuses its parameters.
-    let sink = Sink::start_with(common::Behaviour {
+    let (running, _sink) = proxy_with(common::Behaviour {
         ehlo_keywords: vec!["PIPELINING".into(), "8BITMIME".into()],
         ..Default::default()
     })
     .await;
-    let running = start(config(sink.addr, "", "")).await;
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     let ehlo = c.cmd("EHLO client.example.net").await;
     assert!(!ehlo.contains("DSN") && !ehlo.contains("SMTPUTF8"), "{ehlo}");
@@ -155,12 +154,11 @@ async fn upstream_down_gives_4xx() {
 
 #[tokio::test]
 async fn upstream_refusing_the_session_gives_4xx() {
-    let sink = Sink::start_with(common::Behaviour {
+    let (running, _sink) = proxy_with(common::Behaviour {
         greeting: "554 5.3.2 not now".into(),
         ..Default::default()
     })
     .await;
-    let running = start(config(sink.addr, "", "")).await;
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     c.cmd("EHLO client.example.net").await;
     // The upstream is first contacted with the first RCPT (MAIL and RCPT in one group).
@@ -169,12 +167,11 @@ async fn upstream_refusing_the_session_gives_4xx() {
     assert!(c.cmd("DATA").await.starts_with("554 5.5.1"));
     running.shutdown().await;
 
-    let sink = Sink::start_with(common::Behaviour {
+    let (running, _sink) = proxy_with(common::Behaviour {
         refuse: true,
         ..Default::default()
     })
     .await;
-    let running = start(config(sink.addr, "", "")).await;
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     c.cmd("EHLO client.example.net").await;
     // The upstream is first contacted with the first RCPT (MAIL and RCPT in one group).
@@ -768,12 +765,11 @@ async fn mail_and_first_rcpt_go_upstream_in_one_group() {
     running.shutdown().await;
 
     // Without PIPELINING upstream: one command at a time, same result.
-    let sink = Sink::start_with(common::Behaviour {
+    let (running, sink) = proxy_with(common::Behaviour {
         ehlo_keywords: vec!["8BITMIME".into(), "ENHANCEDSTATUSCODES".into()],
         ..Default::default()
     })
     .await;
-    let running = start(config(sink.addr, "", "")).await;
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     let r = c
         .send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
@@ -786,12 +782,11 @@ async fn mail_and_first_rcpt_go_upstream_in_one_group() {
 
 #[tokio::test]
 async fn sender_refused_by_upstream_is_refused_at_rcpt() {
-    let sink = Sink::start_with(common::Behaviour {
+    let (running, sink) = proxy_with(common::Behaviour {
         mail_reply: "553 5.7.1 <a@example.net>: Sender address rejected".into(),
         ..Default::default()
     })
     .await;
-    let running = start(config(sink.addr, "", "")).await;
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     c.cmd("EHLO client.example.net").await;
     assert!(c.cmd("MAIL FROM:<a@example.net>").await.starts_with("250"));
@@ -862,12 +857,11 @@ async fn message_refused_after_early_data_is_never_delivered() {
 
 #[tokio::test]
 async fn upstream_size_limit_is_advertised_and_enforced_at_mail() {
-    let sink = Sink::start_with(common::Behaviour {
+    let (running, _sink) = proxy_with(common::Behaviour {
         ehlo_keywords: vec!["PIPELINING".into(), "SIZE 10000".into()],
         ..Default::default()
     })
     .await;
-    let running = start(config(sink.addr, "", "")).await;
     let mut c = Client::greeted(running.smtp_addrs[0]).await;
     let ehlo = c.cmd("EHLO client.example.net").await;
     assert!(ehlo.contains("SIZE 10000\r\n"), "{ehlo}");

@@ -603,7 +603,12 @@ pub async fn start(config: Config) -> Running {
 
 /// thassp in front of a fresh default sink.
 pub async fn proxy() -> (Running, Sink) {
-    let sink = Sink::start().await;
+    proxy_with(Behaviour::default()).await
+}
+
+/// [`proxy`] in front of a sink that behaves as told.
+pub async fn proxy_with(behaviour: Behaviour) -> (Running, Sink) {
+    let sink = Sink::start_with(behaviour).await;
     let running = start(config(sink.addr, "", "")).await;
     (running, sink)
 }
@@ -701,5 +706,48 @@ pub fn pki() -> Pki {
         key_file,
         server,
         client,
+    }
+}
+
+/// The JSON log lines a spawned `thassp` binary writes to stderr, collected as they come.
+#[derive(Clone, Default)]
+pub struct Log(pub Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    /// Starts collecting the child's stderr (it must be piped).
+    pub fn capture(child: &mut tokio::process::Child) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let log = Self::default();
+        let reader = tokio::io::BufReader::new(child.stderr.take().expect("stderr piped"));
+        let lines = log.0.clone();
+        tokio::spawn(async move {
+            let mut it = reader.lines();
+            while let Ok(Some(l)) = it.next_line().await {
+                lines.lock().unwrap().push(l);
+            }
+        });
+        log
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+
+    /// Waits (bounded) until a line contains `needle`; returns that line.
+    pub async fn wait(&self, needle: &str) -> String {
+        for _ in 0..500 {
+            if let Some(l) = self.0.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no log line with {needle:?} in:\n{}", self.text());
+    }
+
+    /// Waits for a line containing `needle` and returns its `address` field (listeners).
+    pub async fn address(&self, needle: &str) -> SocketAddr {
+        let line = self.wait(needle).await;
+        let start = line.find("\"address\":\"").expect("an address field") + 11;
+        line[start..].split('"').next().unwrap().parse().unwrap()
     }
 }
