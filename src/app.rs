@@ -58,6 +58,9 @@ pub struct Counters {
     /// Messages relayed upstream and the time spent doing it (DATA to final reply).
     pub upstream_messages: AtomicU64,
     pub upstream_micros: AtomicU64,
+    /// Upstream connections opened, and kept ones a later session used instead.
+    pub upstream_connects: AtomicU64,
+    pub upstream_reuses: AtomicU64,
 }
 
 impl Counters {
@@ -85,6 +88,8 @@ pub struct Snapshot {
     pub limiter: Arc<crate::limits::ConnectionLimiter>,
     /// Sessions in progress, kept across reloads.
     pub live: Arc<crate::live::LiveSessions>,
+    /// Idle upstream connections, kept across reloads.
+    pub pool: Arc<crate::smtp::pool::Pool>,
     /// The DNSBL check, for its periodic RFC 5782 self-test.
     pub dnsbl: Option<Arc<DnsblCheck>>,
     /// Failure counting, tarpit and autoblacklist, when enabled.
@@ -285,6 +290,7 @@ impl Snapshot {
             counters,
             limiter: previous.map(|p| p.limiter.clone()).unwrap_or_default(),
             live: previous.map(|p| p.live.clone()).unwrap_or_default(),
+            pool: previous.map(|p| p.pool.clone()).unwrap_or_default(),
             dnsbl,
             reputation: Some(reputation),
             events: shared.events.clone(),

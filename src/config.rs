@@ -321,6 +321,20 @@ pub struct UpstreamConfig {
     /// `smtpd_authorized_xclient_hosts`), otherwise it does not offer them.
     #[serde(default = "yes")]
     pub xclient: bool,
+    /// How long a connection to this MTA that a finished client session leaves stays open
+    /// for the next session (which then skips connect, greeting, EHLO and STARTTLS). After
+    /// XCLIENT only a session of the same client may use it, unless the MTA offers XCLIENT
+    /// again (Postfix does not). "0s" closes it at once. Default "2s", Postfix's own
+    /// `smtp_connection_cache_time_limit`.
+    #[serde(default = "default_reuse_idle", with = "duration")]
+    pub reuse_idle: Duration,
+    /// A connection older than this is not reused. Default "300s".
+    #[serde(default = "default_reuse_max_age", with = "duration")]
+    pub reuse_max_age: Duration,
+    /// At most this many idle connections to this MTA are kept (each holds one smtpd
+    /// process there). Default 32.
+    #[serde(default = "default_reuse_max_idle")]
+    pub reuse_max_idle: usize,
 }
 
 fn yes() -> bool {
@@ -359,6 +373,15 @@ fn default_data_timeout() -> Duration {
 }
 fn default_probe_interval() -> Duration {
     Duration::from_secs(60)
+}
+fn default_reuse_idle() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_reuse_max_age() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_reuse_max_idle() -> usize {
+    32
 }
 
 /// `[domains]`: which recipient domains are local, and where each is relayed.
@@ -590,6 +613,12 @@ impl Config {
                 if d.is_zero() {
                     e(format!("upstream.{name}.{key}"), "must be more than 0".into());
                 }
+            }
+            if u.reuse_max_idle > 10_000 {
+                e(
+                    format!("upstream.{name}.reuse_max_idle"),
+                    format!("{} is more than 10000", u.reuse_max_idle),
+                );
             }
             match u.tls_verify {
                 UpstreamTlsVerify::CaFile if u.tls_ca_file.is_none() => e(

@@ -134,6 +134,24 @@ impl Collector for AppCollector {
             "Upstream failures (connect, timeout, reset, garbage, 421) answered with a 4xx.",
             Counters::get(&c.upstream_errors),
         )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "thassp_upstream_connections",
+                "Upstream connections a session used: opened for it, or kept from an earlier session.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (how, v) in [("new", &c.upstream_connects), ("reused", &c.upstream_reuses)] {
+                let labels = vec![("how".to_string(), how.to_string())];
+                ConstCounter::new(Counters::get(v)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            &mut enc,
+            "thassp_upstream_idle_connections",
+            "Upstream connections kept open for the next session.",
+            clamp(snap.pool.len() as u64),
+        )?;
         counter(
             &mut enc,
             "thassp_upstream_messages",

@@ -130,6 +130,8 @@ impl Running {
         let grace = self.app.snapshot().config.server.shutdown_grace;
         self.stop_accepting.cancel();
         self.app.set_phase(Phase::Draining);
+        // Sessions that end from now on close their upstream connections themselves.
+        crate::smtp::pool::quit_all(self.app.snapshot().pool.close()).await;
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             warn!(
@@ -347,7 +349,8 @@ async fn probe_one(up: &Arc<crate::upstream::Upstream>) {
     }
 }
 
-/// Re-probes each upstream of the current snapshot when its interval has passed, and runs
+/// Re-probes each upstream of the current snapshot when its interval has passed, closes
+/// expired idle upstream connections, and runs
 /// the DNSBL self-test periodically and after a reload.
 async fn probe_loop(app: Arc<App>, stop: CancellationToken) {
     let mut tested: Option<(Arc<crate::policy::dnsbl::DnsblCheck>, tokio::time::Instant)> = app
@@ -369,6 +372,10 @@ async fn probe_loop(app: Arc<App>, stop: CancellationToken) {
                 .is_none_or(|age| age >= u.probe_interval)
         });
         let probes = futures_util::future::join_all(due.map(probe_one));
+        // Kept upstream connections that waited too long are closed with QUIT, not left
+        // for the MTA to time out.
+        let expired = crate::smtp::pool::quit_all(snap.pool.sweep(&snap.routes.upstreams));
+        let probes = futures_util::future::join(probes, expired);
         let dnsbl = snap.dnsbl.clone().filter(|d| match &tested {
             Some((t, at)) => !Arc::ptr_eq(t, d) || at.elapsed() >= d.self_test_interval(),
             None => true,

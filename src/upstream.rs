@@ -79,6 +79,10 @@ pub struct Upstream {
     pub tls_server_name: rustls::pki_types::ServerName<'static>,
     /// Send XCLIENT/XFORWARD when offered.
     pub xclient: bool,
+    /// Reuse of idle connections across client sessions (see `smtp::pool`).
+    pub reuse_idle: Duration,
+    pub reuse_max_age: Duration,
+    pub reuse_max_idle: usize,
     /// Last known EHLO capabilities; `None` until the MTA was reached once.
     caps: ArcSwapOption<Capabilities>,
     health: Mutex<Health>,
@@ -179,6 +183,9 @@ impl Routes {
                 tls_config,
                 tls_server_name,
                 xclient: u.xclient,
+                reuse_idle: u.reuse_idle,
+                reuse_max_age: u.reuse_max_age,
+                reuse_max_idle: u.reuse_max_idle,
                 caps: ArcSwapOption::new(old.and_then(|o| o.capabilities())),
                 health: Mutex::new(old.map(|o| o.health()).unwrap_or_default()),
             }));

@@ -492,12 +492,16 @@ fn thassp_config(pf: &Postfix, pki: &common::Pki) -> Config {
 /// Connects as `CLIENT_IP` by a PROXY protocol v2 header (as HAProxy's `send-proxy-v2`
 /// would) and reads the banner.
 async fn client_from_public_ip(thassp: &Running) -> Client {
+    client_from(thassp, CLIENT_IP).await
+}
+
+async fn client_from(thassp: &Running, ip: &str) -> Client {
     let mut tcp = tokio::net::TcpStream::connect(thassp.smtp_addrs[0])
         .await
         .unwrap();
     let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     header.extend_from_slice(&[0x21, 0x11, 0, 12]); // v2 PROXY, TCP over IPv4, 12 bytes
-    header.extend_from_slice(&CLIENT_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    header.extend_from_slice(&ip.parse::<std::net::Ipv4Addr>().unwrap().octets());
     header.extend_from_slice(&[192, 0, 2, 25]);
     header.extend_from_slice(&40000u16.to_be_bytes());
     header.extend_from_slice(&25u16.to_be_bytes());
@@ -689,6 +693,66 @@ async fn postfix_logs_the_clients_helo() {
     assert!(
         delivered.contains(&format!("Received: from {CLIENT_HELO} (unknown [{CLIENT_IP}])\n")),
         "{delivered}"
+    );
+    thassp.shutdown().await;
+}
+
+/// Postfix offers no second XCLIENT on a connection (found by this test: the second
+/// client's mail was logged under the first client). So a kept connection serves only a
+/// later session of the same client, and Postfix sees each client as itself.
+#[tokio::test]
+async fn a_kept_connection_carries_each_client_to_postfix_as_itself() {
+    if !available(false) {
+        return;
+    }
+    let pki = common::pki();
+    let pf = Postfix::start(&pki, false).await;
+    let thassp = common::start(thassp_config(&pf, &pki)).await;
+    let mut ids = Vec::new();
+    let other = "203.0.113.77";
+    for (ip, id) in [
+        (CLIENT_IP, "e2e-reuse-1"),
+        (other, "e2e-reuse-2"),
+        (other, "e2e-reuse-3"),
+    ] {
+        let mut c = client_from(&thassp, ip).await;
+        expect(&mut c, &format!("EHLO {CLIENT_HELO}"), "250").await;
+        expect(&mut c, "MAIL FROM:<a@example.net>", "250").await;
+        expect(&mut c, "RCPT TO:<b@example.com>", "250").await;
+        expect(&mut c, "DATA", "354").await;
+        c.send(wire(&message(id))).await;
+        let done = c.reply().await;
+        assert!(done.starts_with("250 2.0.0 Ok: queued as "), "{done}");
+        expect(&mut c, "QUIT", "221").await;
+        ids.push(done.trim_end().rsplit(' ').next().unwrap().to_string());
+        // The session hands its upstream connection over when it ends.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while thassp.app().snapshot().live.count() > 0 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    let counters = &thassp.app().snapshot().counters;
+    assert_eq!(
+        thassp::app::Counters::get(&counters.upstream_reuses),
+        1,
+        "only the third session (same client as the second) used a kept connection"
+    );
+    pf.wait_maildir("example.com/b", 3).await;
+    let log = pf
+        .wait_log("all messages", |l| l.contains(&format!("{}: client=", ids[2])))
+        .await;
+    assert!(
+        log.contains(&format!("{}: client=unknown[{CLIENT_IP}]", ids[0])),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("{}: client=unknown[{other}]", ids[1])),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("{}: client=unknown[{other}]", ids[2])),
+        "{log}"
     );
     thassp.shutdown().await;
 }

@@ -32,6 +32,16 @@ pub struct ClientIdentity {
 }
 
 impl ClientIdentity {
+    /// The same client as far as an MTA told with XCLIENT can tell, except the port.
+    pub fn same_client(&self, other: &Self) -> bool {
+        self.addr.to_canonical() == other.addr.to_canonical()
+            && self.name == other.name
+            && self.helo == other.helo
+            && self.esmtp == other.esmtp
+            && self.local.ip().to_canonical() == other.local.ip().to_canonical()
+            && self.local.port() == other.local.port()
+    }
+
     /// `ATTR=value` pairs for the attributes the MTA offers, values in xtext (RFC 3461).
     fn attributes(&self, offered: &[String], xforward: bool) -> Vec<String> {
         // Postfix wants IPv6 addresses tagged, and an IPv4 client seen on a dual-stack
@@ -116,6 +126,13 @@ pub enum RelayError {
     Tls { name: String, reason: String },
 }
 
+impl RelayError {
+    /// The connection went away (EOF, reset, broken pipe) rather than the MTA answering.
+    pub fn connection_lost(&self) -> bool {
+        matches!(self, Self::Closed { .. } | Self::Io { .. })
+    }
+}
+
 /// An open SMTP session to an upstream MTA.
 pub struct UpstreamConn {
     stream: UpstreamStream,
@@ -134,6 +151,14 @@ pub struct UpstreamConn {
     /// DATA was written and its reply not read yet (see [`Self::send_data_early`]).
     data_sent: bool,
     client: Option<ClientIdentity>,
+    /// When the connection was made (kept connections have a maximum age).
+    pub opened: tokio::time::Instant,
+    /// An AUTH exchange went over this connection: it may be authenticated as a user, so
+    /// it must never serve another client.
+    pub auth_used: bool,
+    /// Taken from the pool and not yet answered a command since: a failure now most likely
+    /// means the MTA closed it while it waited, and a fresh connection can be tried.
+    pub unproven: bool,
 }
 
 impl std::fmt::Debug for UpstreamConn {
@@ -198,6 +223,9 @@ impl UpstreamConn {
             xclient_done: false,
             data_sent: false,
             client: client.cloned(),
+            opened: tokio::time::Instant::now(),
+            auth_used: false,
+            unproven: false,
         };
         let greeting = conn.read_reply("greeting", upstream.command_timeout).await?;
         if greeting.code != 220 {
@@ -229,6 +257,79 @@ impl UpstreamConn {
         }
         upstream.set_capabilities(conn.caps.clone());
         Ok(conn)
+    }
+
+    /// Whether the connection can wait in the pool for another client: clean, between
+    /// transactions, nothing unread, and never one that carried AUTH.
+    pub fn reusable(&self) -> bool {
+        !self.broken
+            && !self.data_sent
+            && !self.in_transaction
+            && !self.auth_used
+            && self.rbuf.is_empty()
+            && self.client.is_some()
+    }
+
+    /// Polls the socket once without waiting: a kept connection the MTA has closed reads
+    /// EOF (or a `421` it sent before closing), an open one has nothing to read.
+    pub fn still_open(&mut self) -> bool {
+        use futures_util::FutureExt as _;
+        if !self.reusable() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        self.stream.read(&mut byte).now_or_never().is_none()
+    }
+
+    /// Whether the MTA can be told about `client` on this connection (or need not be).
+    fn xclient_offered(&self) -> bool {
+        self.upstream.xclient && !self.caps.xclient.is_empty()
+    }
+
+    /// Whether this kept connection may carry `client`'s mail. Once the MTA was told a
+    /// client with XCLIENT it attributes everything on the connection to that client, and
+    /// Postfix offers no second XCLIENT (its authorisation is re-checked against the client
+    /// it was told): such a connection then serves only the same client again (address,
+    /// name, HELO and destination; the port stays the first session's).
+    pub fn can_serve(&self, client: &ClientIdentity) -> bool {
+        !self.xclient_done
+            || self.xclient_offered()
+            || self.client.as_ref().is_some_and(|c| c.same_client(client))
+    }
+
+    /// Readies a kept connection for another client: unless the MTA already knows this
+    /// client, it is told with XCLIENT, and when it was told another client before, that
+    /// must succeed — a refusal would leave this client's mail attributed to the previous
+    /// one, so the connection is then not used.
+    pub async fn reassign(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
+        let told_before = self.xclient_done;
+        let known = told_before && self.client.as_ref().is_some_and(|c| c.same_client(client));
+        if !self.can_serve(client) {
+            self.broken = true;
+            return Err(RelayError::Closed {
+                name: self.upstream.name.clone(),
+                stage: "XCLIENT",
+            });
+        }
+        self.client = Some(client.clone());
+        self.unproven = true;
+        if known || !self.xclient_offered() {
+            // Known already, or the MTA sees thassp itself (XFORWARD, per transaction,
+            // picks up the new client by itself).
+            return Ok(());
+        }
+        self.xclient_done = false;
+        match self.xclient().await? {
+            Some(reply) if told_before => {
+                self.broken = true;
+                Err(RelayError::Refused {
+                    name: self.upstream.name.clone(),
+                    stage: "XCLIENT",
+                    reply,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn ehlo(&mut self) -> Result<(), RelayError> {
@@ -315,21 +416,21 @@ impl UpstreamConn {
     }
 
     /// XCLIENT: the MTA then logs and applies its policies to the real client. A refusal is
-    /// logged and the session goes on without it.
-    async fn xclient(&mut self) -> Result<(), RelayError> {
+    /// logged and returned; the session goes on without it.
+    async fn xclient(&mut self) -> Result<Option<Reply>, RelayError> {
         let Some(client) = self.client.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let attrs = client.attributes(&self.caps.xclient, false);
         if attrs.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let line = format!("XCLIENT {}\r\n", attrs.join(" "));
         let reply = self.command(line.as_bytes(), "XCLIENT").await?;
         // Postfix answers 220 (a new greeting); other implementations (smtp-sink) say 250.
         if !reply.is_positive() {
             warn!(upstream = %self.upstream.name, reply = %reply, "Upstream refused XCLIENT; it will see thassp as the client.");
-            return Ok(());
+            return Ok(Some(reply));
         }
         self.xclient_done = true;
         // After XCLIENT the MTA takes the next EHLO as the client's own (Postfix's
@@ -344,12 +445,13 @@ impl UpstreamConn {
                 Err(RelayError::Refused { .. }) => {
                     // A refused EHLO/HELO leaves the connection usable.
                     self.broken = false;
-                    self.ehlo().await
+                    self.ehlo().await?;
                 }
-                other => other,
+                other => other?,
             },
-            None => self.ehlo().await,
+            None => self.ehlo().await?,
         }
+        Ok(None)
     }
 
     /// XFORWARD before a transaction, when XCLIENT is not available.
@@ -490,6 +592,7 @@ impl UpstreamConn {
         loop {
             match self.parser.parse(&mut self.rbuf) {
                 Ok(Some(reply)) => {
+                    self.unproven = false;
                     if reply.code == 421 {
                         // RFC 5321 §3.8: the server is closing; nothing more will work.
                         self.broken = true;
@@ -604,6 +707,18 @@ mod tests {
             id.attributes(&offered, false).join(" "),
             "NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::1 PORT=4321 HELO=odd+2Bname+3Dx PROTO=ESMTP DESTADDR=192.0.2.1"
         );
+        let mut other = id.clone();
+        other.port = 1;
+        other.addr = "::ffff:192.0.2.9".parse().unwrap();
+        let mut v4 = other.clone();
+        v4.addr = "192.0.2.9".parse().unwrap();
+        assert!(
+            other.same_client(&v4),
+            "the port and the address's notation do not matter"
+        );
+        assert!(!other.same_client(&id));
+        v4.helo = None;
+        assert!(!other.same_client(&v4), "a different HELO is a different client");
         let fwd: Vec<String> = ["NAME", "ADDR", "SOURCE"].map(String::from).to_vec();
         assert_eq!(
             id.attributes(&fwd, true).join(" "),

@@ -274,9 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let _ = self.flush().await;
         let _ = self.io.shutdown().await;
-        if let Some(up) = self.upstream.take() {
-            Box::pin(up.quit()).await;
-        }
+        Box::pin(self.release_upstream()).await;
         // A transaction still open when the session ended was abandoned.
         if self.tx.is_some() {
             self.end_transaction(None, None);
@@ -798,9 +796,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.info.esmtp = false;
         self.advertised = None;
         self.seen_command = false;
-        if let Some(up) = self.upstream.take() {
-            up.quit().await;
-        }
+        self.release_upstream().await;
         Ok(())
     }
 
@@ -878,17 +874,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(&c.upstream, &up) && !c.broken);
         if !reusable {
-            if let Some(old) = self.upstream.take() {
-                old.quit().await;
-            }
-            let identity = self.identity();
-            match UpstreamConn::connect(&up, Some(&identity)).await {
-                Ok(c) => self.upstream = Some(Box::new(c)),
+            self.release_upstream().await;
+            match self.upstream_conn(&up, true).await {
+                Ok(c) => self.upstream = Some(c),
                 Err(e) => {
                     self.upstream_failure(&e);
                     return self.error_reply(&Reply::build(454, "4.7.0", "Temporary authentication failure"));
                 }
             }
+        }
+        if let Some(conn) = self.upstream.as_mut() {
+            // Authenticated or half-way through SASL, it must never serve another client.
+            conn.auth_used = true;
         }
         // The user name is logged (PLAIN's authcid, LOGIN's first answer); passwords never.
         let mut user = initial.as_deref().and_then(|i| sasl_user(&mechanism, i, 0));
@@ -948,6 +945,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// The real client, for XCLIENT/XFORWARD.
+    /// A connection to `up` for this client: a kept one when `pooled` and one is waiting
+    /// (told this client with XCLIENT), else a new one.
+    async fn upstream_conn(
+        &mut self,
+        up: &Arc<Upstream>,
+        pooled: bool,
+    ) -> Result<Box<UpstreamConn>, RelayError> {
+        let identity = self.identity();
+        let counters = &self.snap.counters;
+        // A few tries at most: every kept connection that fails here costs a round trip.
+        for _ in 0..3 {
+            let Some(mut conn) = pooled.then(|| self.snap.pool.take(up, &identity)).flatten() else {
+                break;
+            };
+            match conn.reassign(&identity).await {
+                Ok(()) => {
+                    Counters::bump(&counters.upstream_reuses);
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    debug!(session = %self.info.id, error = %e, "A kept upstream connection failed; trying another.");
+                    if !conn.broken {
+                        conn.quit().await;
+                    }
+                }
+            }
+        }
+        let conn = UpstreamConn::connect(up, Some(&identity)).await?;
+        Counters::bump(&counters.upstream_connects);
+        Ok(Box::new(conn))
+    }
+
+    /// Hands the upstream connection to the pool for the next session when it is clean
+    /// (and this session never authenticated), else closes it.
+    async fn release_upstream(&mut self) {
+        let Some(conn) = self.upstream.take() else {
+            return;
+        };
+        let kept = if self.info.authenticated.is_none() {
+            self.snap.pool.put(conn)
+        } else {
+            Err(conn)
+        };
+        if let Err(conn) = kept {
+            conn.quit().await;
+        }
+    }
+
     fn identity(&self) -> ClientIdentity {
         ClientIdentity {
             addr: self.info.peer.ip(),
@@ -1200,60 +1245,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         rcpt: Option<(&Address, &[Param])>,
     ) -> Result<(Reply, Option<Reply>), Reply> {
         let unavailable = || Reply::build(451, "4.4.1", "Upstream unavailable, try again later");
-        let reusable = self
-            .upstream
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(&c.upstream, up) && !c.broken && !c.inside_data());
-        if !reusable {
-            if let Some(old) = self.upstream.take() {
-                old.quit().await;
+        // A kept connection the MTA closed while it waited fails on its first command; that
+        // costs one fresh connection, not a 4xx to the client.
+        let mut pooled = true;
+        let (with_rcpt, rset, replies) = loop {
+            let reusable = self
+                .upstream
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(&c.upstream, up) && !c.broken && !c.inside_data());
+            if !reusable {
+                self.release_upstream().await;
+                if self.info.authenticated.is_some() {
+                    // The upstream session that authenticated cannot be recreated without
+                    // the credentials, which thassp never keeps.
+                    return Err(Reply::build(
+                        451,
+                        "4.4.1",
+                        "Upstream session lost, try again later",
+                    ));
+                }
+                match self.upstream_conn(up, pooled).await {
+                    Ok(c) => self.upstream = Some(c),
+                    Err(e) => return Err(self.upstream_failure(&e)),
+                }
             }
-            if self.info.authenticated.is_some() {
-                // The upstream session that authenticated cannot be recreated without the
-                // credentials, which thassp never keeps.
-                return Err(Reply::build(
-                    451,
-                    "4.4.1",
-                    "Upstream session lost, try again later",
-                ));
+            let Some(tx) = self.tx.as_ref() else {
+                return Err(Reply::build(503, "5.5.1", "Need MAIL command"));
+            };
+            let Some(conn) = self.upstream.as_mut() else {
+                return Err(unavailable());
+            };
+            let mail = mail_line(tx, &conn.caps)?;
+            let rcpt = rcpt.map(|(to, params)| rcpt_line(to, params, &conn.caps));
+            let rset = conn.in_transaction;
+            let mut group: Vec<(&[u8], &'static str)> = Vec::with_capacity(3);
+            if rset {
+                group.push((b"RSET\r\n", "RSET"));
             }
-            let identity = self.identity();
-            match UpstreamConn::connect(up, Some(&identity)).await {
-                Ok(c) => self.upstream = Some(Box::new(c)),
-                Err(e) => return Err(self.upstream_failure(&e)),
+            group.push((mail.as_bytes(), "MAIL"));
+            if let Some(r) = &rcpt {
+                group.push((r.as_bytes(), "RCPT"));
             }
-        }
-        let Some(tx) = self.tx.as_ref() else {
-            return Err(Reply::build(503, "5.5.1", "Need MAIL command"));
+            let sent = match conn.xforward().await {
+                Ok(()) => conn.pipeline(&group).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(r) => break (rcpt.is_some(), rset, r),
+                Err(e) if pooled && conn.unproven && e.connection_lost() => {
+                    debug!(session = %self.info.id, error = %e, "A kept upstream connection was closed by the MTA; opening a new one.");
+                    self.upstream = None;
+                    pooled = false;
+                }
+                Err(e) => {
+                    let r = self.upstream_failure(&e);
+                    self.upstream = None;
+                    return Err(r);
+                }
+            }
         };
         let Some(conn) = self.upstream.as_mut() else {
             return Err(unavailable());
         };
-        if let Err(e) = conn.xforward().await {
-            return Err(self.upstream_failure(&e));
-        }
-        let Some(conn) = self.upstream.as_mut() else {
-            return Err(unavailable());
-        };
-        let mail = mail_line(tx, &conn.caps)?;
-        let rcpt = rcpt.map(|(to, params)| rcpt_line(to, params, &conn.caps));
-        let rset = conn.in_transaction;
-        let mut group: Vec<(&[u8], &'static str)> = Vec::with_capacity(3);
-        if rset {
-            group.push((b"RSET\r\n", "RSET"));
-        }
-        group.push((mail.as_bytes(), "MAIL"));
-        if let Some(r) = &rcpt {
-            group.push((r.as_bytes(), "RCPT"));
-        }
-        let mut replies = match conn.pipeline(&group).await {
-            Ok(r) => r.into_iter(),
-            Err(e) => {
-                let r = self.upstream_failure(&e);
-                self.upstream = None;
-                return Err(r);
-            }
-        };
+        let mut replies = replies.into_iter();
         if rset {
             conn.in_transaction = false;
             match replies.next() {
@@ -1284,7 +1338,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(tx) = self.tx.as_mut() {
             tx.route = Some(up.clone());
         }
-        if rcpt.is_some() && rcpt_reply.is_none() {
+        if with_rcpt && rcpt_reply.is_none() {
             // Cannot happen (every command after an accepted MAIL gets a reply): 4xx rather
             // than guess.
             return Err(unavailable());

@@ -32,6 +32,18 @@ pub enum Final {
     Stall,
 }
 
+/// When the sink hangs up on its own, as an MTA with a per-connection message limit does or
+/// one that restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HangUp {
+    #[default]
+    Never,
+    /// Right after answering a message.
+    AfterMessage,
+    /// On the first command after a message, without answering it.
+    AtNextCommand,
+}
+
 /// How the sink behaves; tests may change it while the sink runs.
 #[derive(Debug, Clone)]
 pub struct Behaviour {
@@ -51,8 +63,12 @@ pub struct Behaviour {
     pub auth_users: Vec<(String, String)>,
     /// Offer XCLIENT (as Postfix does to authorised clients).
     pub xclient: bool,
+    /// As Postfix: after an accepted XCLIENT, offer and accept no further XCLIENT on that
+    /// connection (its authorisation is checked against the client it was told).
+    pub xclient_once: bool,
     /// Offer XFORWARD.
     pub xforward: bool,
+    pub hang_up: HangUp,
 }
 
 impl Default for Behaviour {
@@ -80,7 +96,9 @@ impl Default for Behaviour {
             tls: None,
             auth_users: Vec::new(),
             xclient: false,
+            xclient_once: false,
             xforward: false,
+            hang_up: HangUp::Never,
         }
     }
 }
@@ -238,10 +256,16 @@ async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf: Vec<u8> = Vec::new();
     let mut from = String::new();
     let mut rcpts = Vec::new();
+    let mut after_message = false;
+    let mut told_xclient = false;
     loop {
         let Some(line) = sink_line(&mut stream, &mut buf, st, idx).await? else {
             return Ok(None);
         };
+        if after_message && st.lock().unwrap().behaviour.hang_up == HangUp::AtNextCommand {
+            st.lock().unwrap().commands.push(line);
+            return Ok(None);
+        }
         {
             let mut s = st.lock().unwrap();
             s.commands.push(line.clone());
@@ -259,7 +283,7 @@ async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(
             if !b.auth_users.is_empty() {
                 keywords.push("AUTH PLAIN LOGIN".into());
             }
-            if b.xclient {
+            if b.xclient && !told_xclient {
                 keywords.push("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT".into());
             }
             if b.xforward {
@@ -277,8 +301,11 @@ async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(
         } else if upper == "STARTTLS" && b.tls.is_some() && !tls_active {
             stream.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
             return Ok(Some(stream));
+        } else if upper.starts_with("XCLIENT ") && b.xclient && told_xclient {
+            "550 5.7.0 Error: insufficient authorization\r\n".into()
         } else if upper.starts_with("XCLIENT ") && b.xclient {
             st.lock().unwrap().forwarded.push(line.clone());
+            told_xclient = b.xclient_once;
             "220 sink.test ESMTP\r\n".into()
         } else if upper.starts_with("XFORWARD ") && b.xforward {
             st.lock().unwrap().forwarded.push(line.clone());
@@ -391,6 +418,11 @@ async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(
                 Final::Accept => {
                     delivery.acked = true;
                     st.lock().unwrap().deliveries.push(delivery);
+                    after_message = true;
+                    if b.hang_up == HangUp::AfterMessage {
+                        stream.write_all(b"250 2.0.0 Ok: queued as SINK1\r\n").await?;
+                        return Ok(None);
+                    }
                     "250 2.0.0 Ok: queued as SINK1\r\n".into()
                 }
                 Final::Reply(r) => {

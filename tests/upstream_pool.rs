@@ -1,0 +1,306 @@
+//! Upstream connections kept between client sessions: a later session uses a clean kept
+//! connection (telling the MTA its own client with XCLIENT), never one that carried AUTH or an
+//! open transaction, and a kept connection the MTA closed costs a new connection, not a 4xx.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{Behaviour, Client, HangUp, MESSAGE, Sink, WAIT, start, wire};
+use thassp::app::Counters;
+use thassp::config::Config;
+use thassp::server::Running;
+
+fn cfg(upstream: SocketAddr, listener_extra: &str) -> Config {
+    let text = format!(
+        r#"
+        [server]
+        hostname = "mx.thassp.test"
+        shutdown_grace = "2s"
+        [[listener]]
+        address = "127.0.0.1:0"
+        proxy_protocol = true
+        proxy_trusted = ["127.0.0.0/8"]
+        {listener_extra}
+        [upstream.main]
+        address = "{upstream}"
+        command_timeout = "3s"
+        data_timeout = "3s"
+        connect_timeout = "3s"
+        [domains]
+        local = ["example.com"]
+        [store]
+        backend = "memory"
+        [events]
+        url = ""
+        [checks.reputation]
+        enabled = false
+        "#
+    );
+    Config::from_toml(&text, "test").unwrap()
+}
+
+fn connections(sink: &Sink) -> usize {
+    sink.state.lock().unwrap().connections
+}
+
+/// Waits (bounded) until every session has ended, so its upstream connection was kept or
+/// closed.
+async fn sessions_ended(running: &Running) {
+    let snap = running.app().snapshot();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while snap.live.count() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "sessions did not end");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One client session from `ip` (through PROXY) that sends one message and quits.
+async fn one_message(running: &Running, ip: &str) -> String {
+    let (mut c, banner) = Client::proxied(running.smtp_addrs[0], ip).await;
+    assert!(banner.starts_with("220"), "{banner}");
+    let r = c
+        .send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+        .await;
+    c.cmd("QUIT").await;
+    sessions_ended(running).await;
+    r
+}
+
+fn reuses(running: &Running) -> (u64, u64) {
+    let c = &running.app().snapshot().counters;
+    (
+        Counters::get(&c.upstream_connects),
+        Counters::get(&c.upstream_reuses),
+    )
+}
+
+#[tokio::test]
+async fn sequential_clients_share_one_upstream_connection_each_told_by_xclient() {
+    let sink = Sink::start_with(Behaviour {
+        xclient: true,
+        ..Default::default()
+    })
+    .await;
+    let running = start(cfg(sink.addr, "")).await;
+    let before = connections(&sink);
+
+    assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
+    assert_eq!(running.app().snapshot().pool.len(), 1);
+    assert!(one_message(&running, "203.0.113.2").await.starts_with("250"));
+
+    assert_eq!(
+        connections(&sink) - before,
+        1,
+        "the second session used the kept connection"
+    );
+    assert_eq!(reuses(&running), (1, 1));
+    let deliveries = sink.deliveries();
+    assert_eq!(deliveries.len(), 2);
+    // The MTA was told each client before its message.
+    let forwarded = sink.state.lock().unwrap().forwarded.clone();
+    assert_eq!(forwarded.len(), 2, "{forwarded:?}");
+    assert!(forwarded[0].contains("ADDR=203.0.113.1"), "{forwarded:?}");
+    assert!(forwarded[1].contains("ADDR=203.0.113.2"), "{forwarded:?}");
+    let commands = sink.commands();
+    let second_xclient = commands.iter().rposition(|l| l.starts_with("XCLIENT")).unwrap();
+    let second_mail = commands.iter().rposition(|l| l.starts_with("MAIL")).unwrap();
+    assert!(second_xclient < second_mail, "{commands:?}");
+    // The Received header names each session's own client.
+    assert!(String::from_utf8_lossy(&deliveries[1].data).contains("[203.0.113.2]"));
+
+    // Shutdown closes the kept connection with QUIT.
+    let pool = running.app().snapshot().pool.clone();
+    running.shutdown().await;
+    assert!(pool.is_empty());
+    assert_eq!(sink.commands().last().map(String::as_str), Some("QUIT"));
+}
+
+#[tokio::test]
+async fn a_connection_told_one_client_serves_only_that_client_when_xclient_is_once_only() {
+    let sink = Sink::start_with(Behaviour {
+        xclient: true,
+        xclient_once: true,
+        ..Default::default()
+    })
+    .await;
+    let running = start(cfg(sink.addr, "")).await;
+    let before = connections(&sink);
+    for ip in ["203.0.113.1", "203.0.113.2", "203.0.113.1", "203.0.113.2"] {
+        assert!(one_message(&running, ip).await.starts_with("250"));
+    }
+    // The second client cannot use the first one's connection (the MTA would attribute its
+    // mail to the first); the third and fourth find their own client's connection.
+    assert_eq!(connections(&sink) - before, 2);
+    assert_eq!(reuses(&running), (2, 2));
+    let forwarded = sink.state.lock().unwrap().forwarded.clone();
+    assert_eq!(forwarded.len(), 2, "{forwarded:?}");
+    // No XCLIENT was refused: none was tried on a connection told another client.
+    assert!(
+        !sink
+            .commands()
+            .iter()
+            .any(|l| l.starts_with("XCLIENT") && !forwarded.contains(l))
+    );
+    assert_eq!(sink.deliveries().len(), 4);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_mta_closed_is_not_used() {
+    let sink = Sink::start_with(Behaviour {
+        hang_up: HangUp::AfterMessage,
+        ..Default::default()
+    })
+    .await;
+    let running = start(cfg(sink.addr, "")).await;
+    let before = connections(&sink);
+    assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
+    assert!(one_message(&running, "203.0.113.2").await.starts_with("250"));
+    assert_eq!(connections(&sink) - before, 2);
+    assert_eq!(reuses(&running), (2, 0));
+    assert_eq!(sink.deliveries().len(), 2);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_kept_connection_closed_at_its_first_command_is_replaced_without_a_4xx() {
+    let sink = Sink::start_with(Behaviour {
+        hang_up: HangUp::AtNextCommand,
+        ..Default::default()
+    })
+    .await;
+    let running = start(cfg(sink.addr, "")).await;
+    let before = connections(&sink);
+    assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
+    // The kept connection looks open; the MTA hangs up when MAIL arrives on it.
+    let r = one_message(&running, "203.0.113.2").await;
+    assert!(r.starts_with("250"), "{r}");
+    assert_eq!(connections(&sink) - before, 2);
+    assert_eq!(reuses(&running), (2, 1));
+    assert_eq!(sink.deliveries().len(), 2);
+    let errors = Counters::get(&running.app().snapshot().counters.upstream_errors);
+    assert_eq!(errors, 0, "a replaced kept connection is no upstream error");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_xclient_for_the_next_client_means_a_new_connection() {
+    let sink = Sink::start_with(Behaviour {
+        xclient: true,
+        ..Default::default()
+    })
+    .await;
+    let running = start(cfg(sink.addr, "")).await;
+    let before = connections(&sink);
+    assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
+    // The MTA no longer accepts XCLIENT: the kept connection (which told it 203.0.113.1)
+    // must not carry 203.0.113.2's mail.
+    sink.set(|b| b.xclient = false);
+    assert!(one_message(&running, "203.0.113.2").await.starts_with("250"));
+    assert_eq!(connections(&sink) - before, 2);
+    let commands = sink.commands();
+    let refused = commands
+        .iter()
+        .rposition(|l| l.starts_with("XCLIENT") && l.contains("ADDR=203.0.113.2"))
+        .expect("XCLIENT tried on the kept connection");
+    let second_mail = commands.iter().rposition(|l| l.starts_with("MAIL")).unwrap();
+    // The message went on the new connection: EHLO between the refused XCLIENT and MAIL.
+    assert!(
+        commands[refused..second_mail]
+            .iter()
+            .any(|l| l.starts_with("EHLO")),
+        "{commands:?}"
+    );
+    assert_eq!(sink.deliveries().len(), 2);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn open_transactions_and_authenticated_sessions_never_leave_their_connection() {
+    let sink = Sink::start_with(Behaviour {
+        auth_users: vec![("alice".into(), "s3cret".into())],
+        ..Default::default()
+    })
+    .await;
+    let running = start(cfg(sink.addr, "auth = \"always\"")).await;
+    let addr = running.smtp_addrs[0];
+    let pool = running.app().snapshot().pool.clone();
+
+    // A client that quits with recipients given: the upstream transaction is open.
+    let (mut c, _) = Client::proxied(addr, "203.0.113.1").await;
+    c.cmd("EHLO client.example.net").await;
+    c.cmd("MAIL FROM:<a@example.net>").await;
+    assert!(c.cmd("RCPT TO:<b@example.com>").await.starts_with("250"));
+    c.cmd("QUIT").await;
+    sessions_ended(&running).await;
+    assert!(pool.is_empty(), "a connection inside a transaction was kept");
+
+    // An authenticated client.
+    let (mut c, _) = Client::proxied(addr, "203.0.113.2").await;
+    c.cmd("EHLO client.example.net").await;
+    use base64::Engine as _;
+    let plain = base64::engine::general_purpose::STANDARD.encode("\0alice\0s3cret");
+    assert!(c.cmd(&format!("AUTH PLAIN {plain}")).await.starts_with("235"));
+    let r = c
+        .send_mail("alice@example.com", &["b@example.com"], &wire(MESSAGE))
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    c.cmd("QUIT").await;
+    sessions_ended(&running).await;
+    assert!(pool.is_empty(), "an authenticated connection was kept");
+
+    // A failed AUTH taints the connection too (it may be half-way through SASL).
+    let (mut c, _) = Client::proxied(addr, "203.0.113.3").await;
+    c.cmd("EHLO client.example.net").await;
+    let wrong = base64::engine::general_purpose::STANDARD.encode("\0alice\0wrong");
+    assert!(c.cmd(&format!("AUTH PLAIN {wrong}")).await.starts_with("535"));
+    c.cmd("QUIT").await;
+    sessions_ended(&running).await;
+    assert!(pool.is_empty(), "a connection that carried AUTH was kept");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn reuse_off_opens_a_connection_per_session() {
+    let sink = Sink::start().await;
+    let mut config = cfg(sink.addr, "");
+    config.upstreams.get_mut("main").unwrap().reuse_idle = Duration::ZERO;
+    let running = start(config).await;
+    let before = connections(&sink);
+    assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
+    assert!(one_message(&running, "203.0.113.2").await.starts_with("250"));
+    assert_eq!(connections(&sink) - before, 2);
+    assert!(running.app().snapshot().pool.is_empty());
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_replaces_the_upstream_stops_using_its_kept_connections() {
+    let sink = Sink::start().await;
+    let running = start(cfg(sink.addr, "")).await;
+    let before = connections(&sink);
+    assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
+    let pool = running.app().snapshot().pool.clone();
+    assert_eq!(pool.len(), 1);
+    // Same settings, but the reload builds new upstreams: sessions started after it open
+    // their own connection, and the old one goes at the next sweep.
+    running.app().reload(cfg(sink.addr, "")).unwrap();
+    assert!(one_message(&running, "203.0.113.2").await.starts_with("250"));
+    assert_eq!(connections(&sink) - before, 2);
+    // The periodic sweep may get there first; either way the old connection is closed with
+    // QUIT (the first QUIT is the start-up probe's) and the new one stays.
+    let current = running.app().snapshot().routes.upstreams.clone();
+    thassp::smtp::pool::quit_all(pool.sweep(&current)).await;
+    assert_eq!(pool.len(), 1, "the new upstream's connection stays");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sink.commands().iter().filter(|l| *l == "QUIT").count() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replaced connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    running.shutdown().await;
+}
