@@ -1035,9 +1035,10 @@ async fn redis_hung_is_bounded_by_the_timeout() {
     let Some(url) = redis_url() else { return };
     let keys = Keys::new(&url, "hung");
     let proxy = Proxy::start(redis_addr(&url)).await;
-    // A longer timeout than elsewhere, so "waited for the timeout" and "did not wait" stay
-    // apart on a busy machine.
-    let timeout = Duration::from_secs(1);
+    // Only one-sided wall-clock bounds here (at least the timeout; the local fallback well
+    // under it): an upper bound on "waited for the timeout" failed once on a machine busy
+    // compiling, and WAIT bounds it anyway.
+    let timeout = Duration::from_secs(2);
     let options = RedisOptions {
         timeout,
         ..keys.options(&proxy.url())
@@ -1056,19 +1057,17 @@ async fn redis_hung_is_bounded_by_the_timeout() {
         .unwrap();
     let took = started.elapsed();
     assert_eq!(got.unwrap().value, "1");
-    assert!(
-        took >= timeout - Duration::from_millis(50) && took < timeout * 3,
-        "{took:?}"
-    );
+    assert!(took >= timeout - Duration::from_millis(50), "{took:?}");
     assert!(a.health().degraded);
-    // The next ones do not wait for Redis at all.
+    // The next ones do not wait for Redis at all (two local operations; waiting for Redis
+    // would take the timeout each).
     let started = Instant::now();
     a.put(Ns::Grey, "k2", "2", Some(Duration::from_secs(60)))
         .await
         .unwrap();
     assert_eq!(a.get(Ns::Grey, "k2").await.unwrap().unwrap().value, "2");
     let took = started.elapsed();
-    assert!(took < timeout / 2, "degraded operations took {took:?}");
+    assert!(took < timeout, "degraded operations took {took:?}");
 
     proxy.set(Link::Up);
     until("recovery", || !a.health().degraded).await;

@@ -304,3 +304,60 @@ async fn a_reload_that_replaces_the_upstream_stops_using_its_kept_connections() 
     }
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_421_at_the_next_transaction_of_a_used_connection_costs_a_new_connection() {
+    let sink = Sink::start_with(Behaviour {
+        hang_up: HangUp::With421AtNextCommand,
+        ..Default::default()
+    })
+    .await;
+    let running = start(cfg(sink.addr, "")).await;
+    let before = connections(&sink);
+    // One client session, two messages: the MTA ends the connection with 421 at the second
+    // MAIL; the client never hears of it.
+    let (mut c, _) = Client::proxied(running.smtp_addrs[0], "203.0.113.1").await;
+    for _ in 0..2 {
+        let r = c
+            .send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+            .await;
+        assert!(r.starts_with("250"), "{r}");
+    }
+    c.cmd("QUIT").await;
+    sessions_ended(&running).await;
+    assert_eq!(connections(&sink) - before, 2);
+    assert_eq!(sink.deliveries().len(), 2);
+    let errors = Counters::get(&running.app().snapshot().counters.upstream_errors);
+    assert_eq!(errors, 0);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_saw_an_error_reply_is_not_kept() {
+    // MTAs count errors per connection (Postfix slows down past smtpd_soft_error_limit):
+    // one session's unknown recipients must not slow the next session down.
+    let sink = Sink::start().await;
+    let running = start(cfg(sink.addr, "")).await;
+    let (mut c, _) = Client::proxied(running.smtp_addrs[0], "203.0.113.1").await;
+    c.cmd("EHLO client.example.net").await;
+    c.cmd("MAIL FROM:<a@example.net>").await;
+    assert!(c.cmd("RCPT TO:<unknown@example.com>").await.starts_with("550"));
+    assert!(c.cmd("RCPT TO:<b@example.com>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.send(wire(MESSAGE)).await;
+    assert!(c.reply().await.starts_with("250"));
+    c.cmd("QUIT").await;
+    sessions_ended(&running).await;
+    assert!(running.app().snapshot().pool.is_empty());
+
+    // Without the error the same session's connection is kept.
+    let (mut c, _) = Client::proxied(running.smtp_addrs[0], "203.0.113.1").await;
+    let r = c
+        .send_mail("a@example.net", &["b@example.com"], &wire(MESSAGE))
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    c.cmd("QUIT").await;
+    sessions_ended(&running).await;
+    assert_eq!(running.app().snapshot().pool.len(), 1);
+    running.shutdown().await;
+}

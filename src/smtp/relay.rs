@@ -86,6 +86,10 @@ fn xtext(value: &str) -> String {
     out
 }
 
+/// A connection that carried more RSETs is not kept for another session (Postfix counts
+/// them as junk commands, 100 by default before it slows the connection down).
+const MAX_RSETS_TO_KEEP: u32 = 20;
+
 /// Why talking to the upstream failed. Each variant carries the stage (`"greeting"`,
 /// `"MAIL"`, `"end of data"`, …) and the upstream's name for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +163,13 @@ pub struct UpstreamConn {
     /// Taken from the pool and not yet answered a command since: a failure now most likely
     /// means the MTA closed it while it waited, and a fresh connection can be tried.
     pub unproven: bool,
+    /// Transactions begun on this connection (MAIL accepted).
+    pub transactions: u32,
+    /// Replies of 4xx/5xx and RSETs sent: MTAs count both per connection (Postfix's
+    /// smtpd_soft/hard_error_limit and smtpd_junk_command_limit slow down and then drop a
+    /// connection past them), so a connection with any is not handed to another session.
+    error_replies: u32,
+    rsets: u32,
 }
 
 impl std::fmt::Debug for UpstreamConn {
@@ -226,6 +237,9 @@ impl UpstreamConn {
             opened: tokio::time::Instant::now(),
             auth_used: false,
             unproven: false,
+            transactions: 0,
+            error_replies: 0,
+            rsets: 0,
         };
         let greeting = conn.read_reply("greeting", upstream.command_timeout).await?;
         if greeting.code != 220 {
@@ -266,6 +280,8 @@ impl UpstreamConn {
             && !self.data_sent
             && !self.in_transaction
             && !self.auth_used
+            && self.error_replies == 0
+            && self.rsets < MAX_RSETS_TO_KEEP
             && self.rbuf.is_empty()
             && self.client.is_some()
     }
@@ -569,6 +585,9 @@ impl UpstreamConn {
     }
 
     async fn write(&mut self, bytes: &[u8], stage: &'static str) -> Result<(), RelayError> {
+        if bytes.starts_with(b"RSET\r\n") {
+            self.rsets += 1;
+        }
         let timeout = self.upstream.data_timeout.max(self.upstream.command_timeout);
         match tokio::time::timeout(timeout, self.stream.write_all(bytes)).await {
             Ok(Ok(())) => Ok(()),
@@ -593,6 +612,9 @@ impl UpstreamConn {
             match self.parser.parse(&mut self.rbuf) {
                 Ok(Some(reply)) => {
                     self.unproven = false;
+                    if reply.code >= 400 {
+                        self.error_replies += 1;
+                    }
                     if reply.code == 421 {
                         // RFC 5321 §3.8: the server is closing; nothing more will work.
                         self.broken = true;

@@ -1245,8 +1245,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         rcpt: Option<(&Address, &[Param])>,
     ) -> Result<(Reply, Option<Reply>), Reply> {
         let unavailable = || Reply::build(451, "4.4.1", "Upstream unavailable, try again later");
-        // A kept connection the MTA closed while it waited fails on its first command; that
-        // costs one fresh connection, not a 4xx to the client.
+        // A kept connection the MTA closed while it waited fails on its first command, and
+        // an MTA may end a connection that carried earlier transactions with 421 at the next
+        // (Exim after 1000 messages, any MTA shutting down): either costs one fresh
+        // connection, not a 4xx to the client.
         let mut pooled = true;
         let (with_rcpt, rset, replies) = loop {
             let reusable = self
@@ -1291,6 +1293,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(e) => Err(e),
             };
             match sent {
+                Ok(r)
+                    if pooled
+                        && conn.transactions > 0
+                        && r.iter().take(usize::from(rset) + 1).any(|r| r.code == 421) =>
+                {
+                    debug!(session = %self.info.id, "The MTA closed a used upstream connection with 421; opening a new one.");
+                    self.upstream = None;
+                    pooled = false;
+                }
                 Ok(r) => break (rcpt.is_some(), rset, r),
                 Err(e) if pooled && conn.unproven && e.connection_lost() => {
                     debug!(session = %self.info.id, error = %e, "A kept upstream connection was closed by the MTA; opening a new one.");
@@ -1334,6 +1345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok((mail_reply, None));
         }
         conn.in_transaction = true;
+        conn.transactions += 1;
         let rcpt_reply = replies.next();
         if let Some(tx) = self.tx.as_mut() {
             tx.route = Some(up.clone());

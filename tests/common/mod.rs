@@ -42,6 +42,9 @@ pub enum HangUp {
     AfterMessage,
     /// On the first command after a message, without answering it.
     AtNextCommand,
+    /// On the first command after a message, with `421` (Exim past
+    /// smtp_accept_max_per_connection, an MTA shutting down).
+    With421AtNextCommand,
 }
 
 /// How the sink behaves; tests may change it while the sink runs.
@@ -262,8 +265,14 @@ async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(
         let Some(line) = sink_line(&mut stream, &mut buf, st, idx).await? else {
             return Ok(None);
         };
-        if after_message && st.lock().unwrap().behaviour.hang_up == HangUp::AtNextCommand {
+        let hang_up = st.lock().unwrap().behaviour.hang_up;
+        if after_message && matches!(hang_up, HangUp::AtNextCommand | HangUp::With421AtNextCommand) {
             st.lock().unwrap().commands.push(line);
+            if hang_up == HangUp::With421AtNextCommand {
+                stream
+                    .write_all(b"421 4.7.0 sink.test Error: too many messages\r\n")
+                    .await?;
+            }
             return Ok(None);
         }
         {
