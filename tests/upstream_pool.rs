@@ -41,6 +41,15 @@ fn cfg(upstream: SocketAddr, listener_extra: &str) -> Config {
     Config::from_toml(&text, "test").unwrap()
 }
 
+/// thassp (PROXY listener plus `listener_extra`) in front of a sink that behaves as told,
+/// and the sink's connection count once the start-up probe is done.
+async fn setup(behaviour: Behaviour, listener_extra: &str) -> (Sink, Running, usize) {
+    let sink = Sink::start_with(behaviour).await;
+    let running = start(cfg(sink.addr, listener_extra)).await;
+    let before = connections(&sink);
+    (sink, running, before)
+}
+
 fn connections(sink: &Sink) -> usize {
     sink.state.lock().unwrap().connections
 }
@@ -78,13 +87,14 @@ fn reuses(running: &Running) -> (u64, u64) {
 
 #[tokio::test]
 async fn sequential_clients_share_one_upstream_connection_each_told_by_xclient() {
-    let sink = Sink::start_with(Behaviour {
-        xclient: true,
-        ..Default::default()
-    })
+    let (sink, running, before) = setup(
+        Behaviour {
+            xclient: true,
+            ..Default::default()
+        },
+        "",
+    )
     .await;
-    let running = start(cfg(sink.addr, "")).await;
-    let before = connections(&sink);
 
     assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
     assert_eq!(running.app().snapshot().pool.len(), 1);
@@ -119,14 +129,15 @@ async fn sequential_clients_share_one_upstream_connection_each_told_by_xclient()
 
 #[tokio::test]
 async fn a_connection_told_one_client_serves_only_that_client_when_xclient_is_once_only() {
-    let sink = Sink::start_with(Behaviour {
-        xclient: true,
-        xclient_once: true,
-        ..Default::default()
-    })
+    let (sink, running, before) = setup(
+        Behaviour {
+            xclient: true,
+            xclient_once: true,
+            ..Default::default()
+        },
+        "",
+    )
     .await;
-    let running = start(cfg(sink.addr, "")).await;
-    let before = connections(&sink);
     for ip in ["203.0.113.1", "203.0.113.2", "203.0.113.1", "203.0.113.2"] {
         assert!(one_message(&running, ip).await.starts_with("250"));
     }
@@ -149,13 +160,14 @@ async fn a_connection_told_one_client_serves_only_that_client_when_xclient_is_on
 
 #[tokio::test]
 async fn a_kept_connection_the_mta_closed_is_not_used() {
-    let sink = Sink::start_with(Behaviour {
-        hang_up: HangUp::AfterMessage,
-        ..Default::default()
-    })
+    let (sink, running, before) = setup(
+        Behaviour {
+            hang_up: HangUp::AfterMessage,
+            ..Default::default()
+        },
+        "",
+    )
     .await;
-    let running = start(cfg(sink.addr, "")).await;
-    let before = connections(&sink);
     assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
     assert!(one_message(&running, "203.0.113.2").await.starts_with("250"));
     assert_eq!(connections(&sink) - before, 2);
@@ -166,13 +178,14 @@ async fn a_kept_connection_the_mta_closed_is_not_used() {
 
 #[tokio::test]
 async fn a_kept_connection_closed_at_its_first_command_is_replaced_without_a_4xx() {
-    let sink = Sink::start_with(Behaviour {
-        hang_up: HangUp::AtNextCommand,
-        ..Default::default()
-    })
+    let (sink, running, before) = setup(
+        Behaviour {
+            hang_up: HangUp::AtNextCommand,
+            ..Default::default()
+        },
+        "",
+    )
     .await;
-    let running = start(cfg(sink.addr, "")).await;
-    let before = connections(&sink);
     assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
     // The kept connection looks open; the MTA hangs up when MAIL arrives on it.
     let r = one_message(&running, "203.0.113.2").await;
@@ -187,13 +200,14 @@ async fn a_kept_connection_closed_at_its_first_command_is_replaced_without_a_4xx
 
 #[tokio::test]
 async fn a_refused_xclient_for_the_next_client_means_a_new_connection() {
-    let sink = Sink::start_with(Behaviour {
-        xclient: true,
-        ..Default::default()
-    })
+    let (sink, running, before) = setup(
+        Behaviour {
+            xclient: true,
+            ..Default::default()
+        },
+        "",
+    )
     .await;
-    let running = start(cfg(sink.addr, "")).await;
-    let before = connections(&sink);
     assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
     // The MTA no longer accepts XCLIENT: the kept connection (which told it 203.0.113.1)
     // must not carry 203.0.113.2's mail.
@@ -219,12 +233,14 @@ async fn a_refused_xclient_for_the_next_client_means_a_new_connection() {
 
 #[tokio::test]
 async fn open_transactions_and_authenticated_sessions_never_leave_their_connection() {
-    let sink = Sink::start_with(Behaviour {
-        auth_users: vec![("alice".into(), "s3cret".into())],
-        ..Default::default()
-    })
+    let (_sink, running, _) = setup(
+        Behaviour {
+            auth_users: vec![("alice".into(), "s3cret".into())],
+            ..Default::default()
+        },
+        "auth = \"always\"",
+    )
     .await;
-    let running = start(cfg(sink.addr, "auth = \"always\"")).await;
     let addr = running.smtp_addrs[0];
     let pool = running.app().snapshot().pool.clone();
 
@@ -278,9 +294,7 @@ async fn reuse_off_opens_a_connection_per_session() {
 
 #[tokio::test]
 async fn a_reload_that_replaces_the_upstream_stops_using_its_kept_connections() {
-    let sink = Sink::start().await;
-    let running = start(cfg(sink.addr, "")).await;
-    let before = connections(&sink);
+    let (sink, running, before) = setup(Behaviour::default(), "").await;
     assert!(one_message(&running, "203.0.113.1").await.starts_with("250"));
     let pool = running.app().snapshot().pool.clone();
     assert_eq!(pool.len(), 1);
@@ -307,13 +321,14 @@ async fn a_reload_that_replaces_the_upstream_stops_using_its_kept_connections() 
 
 #[tokio::test]
 async fn a_421_at_the_next_transaction_of_a_used_connection_costs_a_new_connection() {
-    let sink = Sink::start_with(Behaviour {
-        hang_up: HangUp::With421AtNextCommand,
-        ..Default::default()
-    })
+    let (sink, running, before) = setup(
+        Behaviour {
+            hang_up: HangUp::With421AtNextCommand,
+            ..Default::default()
+        },
+        "",
+    )
     .await;
-    let running = start(cfg(sink.addr, "")).await;
-    let before = connections(&sink);
     // One client session, two messages: the MTA ends the connection with 421 at the second
     // MAIL; the client never hears of it.
     let (mut c, _) = Client::proxied(running.smtp_addrs[0], "203.0.113.1").await;
@@ -336,8 +351,7 @@ async fn a_421_at_the_next_transaction_of_a_used_connection_costs_a_new_connecti
 async fn a_connection_that_saw_an_error_reply_is_not_kept() {
     // MTAs count errors per connection (Postfix slows down past smtpd_soft_error_limit):
     // one session's unknown recipients must not slow the next session down.
-    let sink = Sink::start().await;
-    let running = start(cfg(sink.addr, "")).await;
+    let (_sink, running, _) = setup(Behaviour::default(), "").await;
     let (mut c, _) = Client::proxied(running.smtp_addrs[0], "203.0.113.1").await;
     c.cmd("EHLO client.example.net").await;
     c.cmd("MAIL FROM:<a@example.net>").await;
