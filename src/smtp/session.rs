@@ -944,7 +944,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.error_reply(&reply.with_default_enhanced((7, 8)))
     }
 
-    /// The real client, for XCLIENT/XFORWARD.
     /// A connection to `up` for this client: a kept one when `pooled` and one is waiting
     /// (told this client with XCLIENT), else a new one.
     async fn upstream_conn(
@@ -993,6 +992,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// The real client, for XCLIENT/XFORWARD.
     fn identity(&self) -> ClientIdentity {
         ClientIdentity {
             addr: self.info.peer.ip(),
@@ -1249,7 +1249,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // an MTA may end a connection that carried earlier transactions with 421 at the next
         // (Exim after 1000 messages, any MTA shutting down): either costs one fresh
         // connection, not a 4xx to the client.
-        let mut pooled = true;
+        let mut retry = true;
         let (with_rcpt, rset, replies) = loop {
             let reusable = self
                 .upstream
@@ -1266,7 +1266,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         "Upstream session lost, try again later",
                     ));
                 }
-                match self.upstream_conn(up, pooled).await {
+                // The first try may take a kept connection; a retry opens a new one.
+                match self.upstream_conn(up, retry).await {
                     Ok(c) => self.upstream = Some(c),
                     Err(e) => return Err(self.upstream_failure(&e)),
                 }
@@ -1294,19 +1295,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             };
             match sent {
                 Ok(r)
-                    if pooled
+                    if retry
                         && conn.transactions > 0
                         && r.iter().take(usize::from(rset) + 1).any(|r| r.code == 421) =>
                 {
                     debug!(session = %self.info.id, "The MTA closed a used upstream connection with 421; opening a new one.");
                     self.upstream = None;
-                    pooled = false;
+                    retry = false;
                 }
                 Ok(r) => break (rcpt.is_some(), rset, r),
-                Err(e) if pooled && conn.unproven && e.connection_lost() => {
+                Err(e) if retry && conn.unproven && e.connection_lost() => {
                     debug!(session = %self.info.id, error = %e, "A kept upstream connection was closed by the MTA; opening a new one.");
                     self.upstream = None;
-                    pooled = false;
+                    retry = false;
                 }
                 Err(e) => {
                     let r = self.upstream_failure(&e);
