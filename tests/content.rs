@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use thassp::policy::SharedMessage;
 use thassp::policy::attachments::{
     AttachmentsCheck, AttachmentsConfig, DEFAULT_BLOCKED_EXTENSIONS, Finding, normalize_name, sniff,
 };
@@ -79,13 +80,14 @@ async fn run_check(check: &dyn Check, stage: Stage, message: &[u8], authenticate
     let info = info(authenticated);
     let facts = SessionFacts::default();
     let exempt = Exemptions::default();
+    let message = SharedMessage::new(message);
     let cx = Context {
         stage,
         session: &info,
         sender: None,
         recipient: None,
         recipients: &[],
-        message: Some(message),
+        message: Some(&message),
         facts: &facts,
         exempt: &exempt,
     };

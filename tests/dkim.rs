@@ -11,7 +11,9 @@ use thassp::policy::dkim::{
     generate_ed25519_key, sign_ed25519,
 };
 use thassp::policy::spf::SpfResult;
-use thassp::policy::{Check, CheckAction, Context, Exemptions, SessionFacts, SessionInfo, Stage, Verdict};
+use thassp::policy::{
+    Check, CheckAction, Context, Exemptions, SessionFacts, SessionInfo, SharedMessage, Stage, Verdict,
+};
 use thassp::smtp::address::parse_path;
 
 /// A message from `alice@<domain>`.
@@ -103,13 +105,14 @@ async fn run(check: &DkimCheck, info: &SessionInfo, sender: &str, spf: &str, mes
     facts.results.lock().unwrap().spf = spf.into();
     let exempt = Exemptions::default();
     let (sender, _) = parse_path(sender).unwrap();
+    let message = SharedMessage::new(message.as_bytes());
     let cx = Context {
         stage: Stage::Data,
         session: info,
         sender: Some(&sender),
         recipient: None,
         recipients: &[],
-        message: Some(message.as_bytes()),
+        message: Some(&message),
         facts: &facts,
         exempt: &exempt,
     };

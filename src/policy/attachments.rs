@@ -58,10 +58,10 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use mail_parser::parsers::MessageStream;
-use mail_parser::{Encoding, HeaderName, Message, MessageParser, MessagePart, MimeHeaders, PartType};
+use mail_parser::{Encoding, HeaderName, Message, MessagePart, MimeHeaders, PartType};
 use serde::{Deserialize, Serialize};
 
-use super::content::{INLINE_LIMIT, WalkEnd, parse_message, prescan, walk};
+use super::content::{INLINE_LIMIT, MessageView, SharedMessage, WalkEnd, walk};
 use super::helo::optional_action;
 use super::{BoxFuture, Category, Check, CheckAction, CheckError, Context, Refusal, Stage, Verdict};
 use crate::config::bytesize;
@@ -417,12 +417,12 @@ impl AttachmentsCheck {
     /// Inspects one message (the unstuffed DATA). Synchronous; [`Check::check`] runs it on the
     /// blocking pool for big messages.
     pub fn inspect(&self, message: &[u8]) -> Outcome {
-        self.policy.inspect(message)
+        self.policy.inspect(&SharedMessage::new(message))
     }
 }
 
 impl Policy {
-    fn inspect(&self, message: &[u8]) -> Outcome {
+    fn inspect(&self, message: &dyn MessageView) -> Outcome {
         let mut scan = Scan {
             check: self,
             findings: Vec::new(),
@@ -518,14 +518,13 @@ impl Scan<'_> {
         });
     }
 
-    fn message(&mut self, raw: &[u8]) {
+    fn message(&mut self, view: &dyn MessageView) {
         let config = &self.check.config;
-        if !prescan(raw).fits(config.max_parts) {
+        if !view.fits(config.max_parts) {
             self.unscannable("too many MIME parts, header lines or attached messages", None);
             return;
         }
-        let parser = MessageParser::new().with_mime_headers();
-        let Some(parsed) = parse_message(raw, &parser) else {
+        let Some(parsed) = view.parsed() else {
             return;
         };
         let depth = if config.message_rfc822 {
@@ -533,7 +532,7 @@ impl Scan<'_> {
         } else {
             0
         };
-        let end = walk(parsed.message(), depth, config.max_parts, |msg, part, _| {
+        let end = walk(parsed, depth, config.max_parts, |msg, part, _| {
             self.part(msg, part);
             if self.stop {
                 ControlFlow::Break(())
@@ -913,14 +912,14 @@ impl Check for AttachmentsCheck {
             else {
                 return Ok(Verdict::Skip);
             };
-            let outcome = if message.len() <= INLINE_LIMIT {
-                self.inspect(message)
+            let outcome = if message.raw().len() <= INLINE_LIMIT {
+                self.policy.inspect(message)
             } else {
                 // Parsing and inflating a big message takes milliseconds: off the runtime
                 // worker, with a copy of the message.
                 let policy = Arc::clone(&self.policy);
-                let bytes = message.to_vec();
-                tokio::task::spawn_blocking(move || policy.inspect(&bytes))
+                let bytes = message.raw().to_vec();
+                tokio::task::spawn_blocking(move || policy.inspect(&SharedMessage::new(&bytes)))
                     .await
                     .map_err(|e| CheckError(format!("attachment inspection failed: {e}")))?
             };

@@ -686,7 +686,7 @@ impl Check for DkimCheck {
                 spf,
                 receiver: &cx.session.hostname,
             };
-            let evaluation = self.evaluate(message, &envelope).await;
+            let evaluation = self.evaluate(message.raw(), &envelope).await;
             let dkim = evaluation.dkim();
             tracing::debug!(
                 session = %cx.session.id,

@@ -22,6 +22,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use content::{MessageView, SharedMessage};
+
 use crate::smtp::address::Address;
 use crate::smtp::codec::Reply;
 
@@ -321,8 +323,8 @@ pub struct Context<'a> {
     pub recipient: Option<&'a Address>,
     /// Recipients accepted so far in this transaction.
     pub recipients: &'a [Address],
-    /// The unstuffed message at `Data`.
-    pub message: Option<&'a [u8]>,
+    /// The unstuffed message at `Data`, with the parse the checks share.
+    pub message: Option<&'a dyn MessageView>,
     /// Shared per-session facts (PTR).
     pub facts: &'a SessionFacts,
     /// What whitelists exempted so far; the pipeline skips those checks.

@@ -23,7 +23,8 @@ use crate::events::{ConnectionEvent, RecipientResult, Timings, TransactionEvent}
 use crate::limits::{Admission, Refused};
 use crate::live::LiveStage;
 use crate::policy::{
-    Action, Category, Context, Exemptions, Refusal, SessionFacts, SessionInfo, Stage, Verdict,
+    Action, Category, Context, Exemptions, MessageView, Refusal, SessionFacts, SessionInfo, SharedMessage,
+    Stage, Verdict,
 };
 use crate::stream::MaybeTls;
 use crate::upstream::{Capabilities, Upstream};
@@ -1025,7 +1026,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &'a self,
         stage: Stage,
         rcpt: Option<&'a Address>,
-        message: Option<&'a [u8]>,
+        message: Option<&'a dyn MessageView>,
         exempt: &'a Exemptions,
     ) -> Context<'a> {
         Context {
@@ -1638,11 +1639,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error_reply(&reply);
         }
 
+        // One parse of the message for every check that reads its structure.
+        let view = SharedMessage::new(&message);
         let decision = self
             .snap
             .pipeline
-            .run(&self.context(Stage::Data, None, Some(&message), self.tx_exempt()))
+            .run(&self.context(Stage::Data, None, Some(&view), self.tx_exempt()))
             .await;
+        // The parse can be several times the message's size: not kept while relaying.
+        drop(view);
         if let Some(tx) = self.tx.as_mut() {
             tx.log.score += decision.score;
         }
