@@ -1084,7 +1084,12 @@ pub(crate) fn prescan(message: &[u8]) -> Prescan {
         regex::bytes::Regex::new(r"(?i-u)message/(rfc822|global)|multipart/digest").expect("valid regex")
     });
     let mut p = Prescan::default();
-    for line in message.split(|&b| b == b'\n') {
+    // Line by line as `split(b'\n')` would, the last (possibly empty) piece included; memchr
+    // finds the line ends many bytes at a time.
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', message).chain(std::iter::once(message.len())) {
+        let line = &message[start..end];
+        start = end + 1;
         if line.starts_with(b"--") {
             p.boundary_lines += 1;
         } else if line.len() < 32 && line.contains(&b':') {
@@ -1271,6 +1276,33 @@ impl Check for ContentCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prescan_counts_lines_as_split_does() {
+        let reference = |m: &[u8]| {
+            let (mut boundaries, mut short) = (0, 0);
+            for line in m.split(|&b| b == b'\n') {
+                if line.starts_with(b"--") {
+                    boundaries += 1;
+                } else if line.len() < 32 && line.contains(&b':') {
+                    short += 1;
+                }
+            }
+            (boundaries, short)
+        };
+        for m in [
+            &b""[..],
+            b"--",
+            b"a:b",
+            b"a:b\n",
+            b"\n--x\n--y",
+            b"To: a\r\n\r\n--b\r\nX: y\r\n--b--\r\n",
+            b"no newline at all but a : colon and more than thirty-two bytes",
+        ] {
+            let p = prescan(m);
+            assert_eq!((p.boundary_lines, p.short_field_lines), reference(m), "{m:?}");
+        }
+    }
 
     #[test]
     fn deeply_nested_messages_drop_without_overflowing_the_stack() {

@@ -600,7 +600,7 @@ impl DataReader {
             // Fast path: copy a run of ordinary bytes inside a line in one go.
             if self.state == DState::InLine || self.state == DState::LineStart {
                 let start = i;
-                let first_special = input[i..].iter().position(|&b| b == b'\r' || b == b'\n');
+                let first_special = memchr::memchr2(b'\r', b'\n', &input[i..]);
                 let stop = first_special.map_or(input.len(), |p| i + p);
                 let run_start = if self.state == DState::LineStart && stop > start && input[start] == b'.' {
                     start // the dot needs the slow path
@@ -669,7 +669,7 @@ pub fn stuff_into(msg: &[u8], out: &mut Vec<u8>) {
         if at_line_start && rest[0] == b'.' {
             out.push(b'.');
         }
-        match rest.iter().position(|&b| b == b'\n') {
+        match memchr::memchr(b'\n', rest) {
             Some(nl) => {
                 out.extend_from_slice(&rest[..=nl]);
                 rest = &rest[nl + 1..];
