@@ -726,11 +726,7 @@ async fn a_kept_connection_carries_each_client_to_postfix_as_itself() {
         expect(&mut c, "QUIT", "221").await;
         ids.push(done.trim_end().rsplit(' ').next().unwrap().to_string());
         // The session hands its upstream connection over when it ends.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while thassp.app().snapshot().live.count() > 0 {
-            assert!(tokio::time::Instant::now() < deadline);
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        common::sessions_ended(&thassp).await;
     }
     let counters = &thassp.app().snapshot().counters;
     assert_eq!(

@@ -9,60 +9,31 @@ use std::time::Duration;
 
 use common::{Behaviour, Client, HangUp, MESSAGE, Sink, WAIT, start, wire};
 use thassp::app::Counters;
-use thassp::config::Config;
+use thassp::config::{AuthPolicy, Config};
 use thassp::server::Running;
 
-fn cfg(upstream: SocketAddr, listener_extra: &str) -> Config {
-    let text = format!(
-        r#"
-        [server]
-        hostname = "mx.thassp.test"
-        shutdown_grace = "2s"
-        [[listener]]
-        address = "127.0.0.1:0"
-        proxy_protocol = true
-        proxy_trusted = ["127.0.0.0/8"]
-        {listener_extra}
-        [upstream.main]
-        address = "{upstream}"
-        command_timeout = "3s"
-        data_timeout = "3s"
-        connect_timeout = "3s"
-        [domains]
-        local = ["example.com"]
-        [store]
-        backend = "memory"
-        [events]
-        url = ""
-        [checks.reputation]
-        enabled = false
-        "#
-    );
-    Config::from_toml(&text, "test").unwrap()
+/// The common test configuration, its listener taking PROXY from loopback (so each session
+/// can come from an address of its own) with AUTH offered as `auth` says.
+fn cfg(upstream: SocketAddr, auth: AuthPolicy) -> Config {
+    let mut config = common::config(upstream, "", "");
+    let listener = &mut config.listeners[0];
+    listener.proxy_protocol = true;
+    listener.proxy_trusted = vec!["127.0.0.0/8".parse().unwrap()];
+    listener.auth = auth;
+    config
 }
 
-/// thassp (PROXY listener plus `listener_extra`) in front of a sink that behaves as told,
+/// thassp ([`cfg`]) in front of a sink that behaves as told,
 /// and the sink's connection count once the start-up probe is done.
-async fn setup(behaviour: Behaviour, listener_extra: &str) -> (Sink, Running, usize) {
+async fn setup(behaviour: Behaviour, auth: AuthPolicy) -> (Sink, Running, usize) {
     let sink = Sink::start_with(behaviour).await;
-    let running = start(cfg(sink.addr, listener_extra)).await;
+    let running = start(cfg(sink.addr, auth)).await;
     let before = connections(&sink);
     (sink, running, before)
 }
 
 fn connections(sink: &Sink) -> usize {
     sink.state.lock().unwrap().connections
-}
-
-/// Waits (bounded) until every session has ended, so its upstream connection was kept or
-/// closed.
-async fn sessions_ended(running: &Running) {
-    let snap = running.app().snapshot();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while snap.live.count() > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "sessions did not end");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// One client session from `ip` (through PROXY) that sends one message, sees it accepted
@@ -75,7 +46,7 @@ async fn one_message(running: &Running, ip: &str) {
         .await;
     assert!(r.starts_with("250"), "from {ip}: {r}");
     c.cmd("QUIT").await;
-    sessions_ended(running).await;
+    common::sessions_ended(running).await;
 }
 
 fn reuses(running: &Running) -> (u64, u64) {
@@ -93,7 +64,7 @@ async fn sequential_clients_share_one_upstream_connection_each_told_by_xclient()
             xclient: true,
             ..Default::default()
         },
-        "",
+        AuthPolicy::default(),
     )
     .await;
 
@@ -136,7 +107,7 @@ async fn a_connection_told_one_client_serves_only_that_client_when_xclient_is_on
             xclient_once: true,
             ..Default::default()
         },
-        "",
+        AuthPolicy::default(),
     )
     .await;
     for ip in ["203.0.113.1", "203.0.113.2", "203.0.113.1", "203.0.113.2"] {
@@ -166,7 +137,7 @@ async fn a_kept_connection_the_mta_closed_is_not_used() {
             hang_up: HangUp::AfterMessage,
             ..Default::default()
         },
-        "",
+        AuthPolicy::default(),
     )
     .await;
     one_message(&running, "203.0.113.1").await;
@@ -184,7 +155,7 @@ async fn a_kept_connection_closed_at_its_first_command_is_replaced_without_a_4xx
             hang_up: HangUp::AtNextCommand,
             ..Default::default()
         },
-        "",
+        AuthPolicy::default(),
     )
     .await;
     one_message(&running, "203.0.113.1").await;
@@ -205,7 +176,7 @@ async fn a_refused_xclient_for_the_next_client_means_a_new_connection() {
             xclient: true,
             ..Default::default()
         },
-        "",
+        AuthPolicy::default(),
     )
     .await;
     one_message(&running, "203.0.113.1").await;
@@ -238,7 +209,7 @@ async fn open_transactions_and_authenticated_sessions_never_leave_their_connecti
             auth_users: vec![("alice".into(), "s3cret".into())],
             ..Default::default()
         },
-        "auth = \"always\"",
+        AuthPolicy::Always,
     )
     .await;
     let addr = running.smtp_addrs[0];
@@ -250,7 +221,7 @@ async fn open_transactions_and_authenticated_sessions_never_leave_their_connecti
     c.cmd("MAIL FROM:<a@example.net>").await;
     assert!(c.cmd("RCPT TO:<b@example.com>").await.starts_with("250"));
     c.cmd("QUIT").await;
-    sessions_ended(&running).await;
+    common::sessions_ended(&running).await;
     assert!(pool.is_empty(), "a connection inside a transaction was kept");
 
     // An authenticated client.
@@ -264,7 +235,7 @@ async fn open_transactions_and_authenticated_sessions_never_leave_their_connecti
         .await;
     assert!(r.starts_with("250"), "{r}");
     c.cmd("QUIT").await;
-    sessions_ended(&running).await;
+    common::sessions_ended(&running).await;
     assert!(pool.is_empty(), "an authenticated connection was kept");
 
     // A failed AUTH taints the connection too (it may be half-way through SASL).
@@ -273,7 +244,7 @@ async fn open_transactions_and_authenticated_sessions_never_leave_their_connecti
     let wrong = base64::engine::general_purpose::STANDARD.encode("\0alice\0wrong");
     assert!(c.cmd(&format!("AUTH PLAIN {wrong}")).await.starts_with("535"));
     c.cmd("QUIT").await;
-    sessions_ended(&running).await;
+    common::sessions_ended(&running).await;
     assert!(pool.is_empty(), "a connection that carried AUTH was kept");
     running.shutdown().await;
 }
@@ -281,7 +252,7 @@ async fn open_transactions_and_authenticated_sessions_never_leave_their_connecti
 #[tokio::test]
 async fn reuse_off_opens_a_connection_per_session() {
     let sink = Sink::start().await;
-    let mut config = cfg(sink.addr, "");
+    let mut config = cfg(sink.addr, AuthPolicy::default());
     config.upstreams.get_mut("main").unwrap().reuse_idle = Duration::ZERO;
     let running = start(config).await;
     let before = connections(&sink);
@@ -294,13 +265,16 @@ async fn reuse_off_opens_a_connection_per_session() {
 
 #[tokio::test]
 async fn a_reload_that_replaces_the_upstream_stops_using_its_kept_connections() {
-    let (sink, running, before) = setup(Behaviour::default(), "").await;
+    let (sink, running, before) = setup(Behaviour::default(), AuthPolicy::default()).await;
     one_message(&running, "203.0.113.1").await;
     let pool = running.app().snapshot().pool.clone();
     assert_eq!(pool.len(), 1);
     // Same settings, but the reload builds new upstreams: sessions started after it open
     // their own connection, and the old one goes at the next sweep.
-    running.app().reload(cfg(sink.addr, "")).unwrap();
+    running
+        .app()
+        .reload(cfg(sink.addr, AuthPolicy::default()))
+        .unwrap();
     one_message(&running, "203.0.113.2").await;
     assert_eq!(connections(&sink) - before, 2);
     // The periodic sweep may get there first; either way the old connection is closed with
@@ -326,7 +300,7 @@ async fn a_421_at_the_next_transaction_of_a_used_connection_costs_a_new_connecti
             hang_up: HangUp::With421AtNextCommand,
             ..Default::default()
         },
-        "",
+        AuthPolicy::default(),
     )
     .await;
     // One client session, two messages: the MTA ends the connection with 421 at the second
@@ -339,7 +313,7 @@ async fn a_421_at_the_next_transaction_of_a_used_connection_costs_a_new_connecti
         assert!(r.starts_with("250"), "{r}");
     }
     c.cmd("QUIT").await;
-    sessions_ended(&running).await;
+    common::sessions_ended(&running).await;
     assert_eq!(connections(&sink) - before, 2);
     assert_eq!(sink.deliveries().len(), 2);
     let errors = Counters::get(&running.app().snapshot().counters.upstream_errors);
@@ -351,7 +325,7 @@ async fn a_421_at_the_next_transaction_of_a_used_connection_costs_a_new_connecti
 async fn a_connection_that_saw_an_error_reply_is_not_kept() {
     // MTAs count errors per connection (Postfix slows down past smtpd_soft_error_limit):
     // one session's unknown recipients must not slow the next session down.
-    let (_sink, running, _) = setup(Behaviour::default(), "").await;
+    let (_sink, running, _) = setup(Behaviour::default(), AuthPolicy::default()).await;
     let (mut c, _) = Client::proxied(running.smtp_addrs[0], "203.0.113.1").await;
     c.cmd("EHLO client.example.net").await;
     c.cmd("MAIL FROM:<a@example.net>").await;
@@ -361,7 +335,7 @@ async fn a_connection_that_saw_an_error_reply_is_not_kept() {
     c.send(wire(MESSAGE)).await;
     assert!(c.reply().await.starts_with("250"));
     c.cmd("QUIT").await;
-    sessions_ended(&running).await;
+    common::sessions_ended(&running).await;
     assert!(running.app().snapshot().pool.is_empty());
 
     // Without the error the same session's connection is kept.
@@ -371,7 +345,7 @@ async fn a_connection_that_saw_an_error_reply_is_not_kept() {
         .await;
     assert!(r.starts_with("250"), "{r}");
     c.cmd("QUIT").await;
-    sessions_ended(&running).await;
+    common::sessions_ended(&running).await;
     assert_eq!(running.app().snapshot().pool.len(), 1);
     running.shutdown().await;
 }

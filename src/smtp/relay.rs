@@ -287,12 +287,10 @@ impl UpstreamConn {
     }
 
     /// Polls the socket once without waiting: a kept connection the MTA has closed reads
-    /// EOF (or a `421` it sent before closing), an open one has nothing to read.
+    /// EOF (or a `421` it sent before closing), an open one has nothing to read. (The pool
+    /// holds only [`Self::reusable`] connections.)
     pub fn still_open(&mut self) -> bool {
         use futures_util::FutureExt as _;
-        if !self.reusable() {
-            return false;
-        }
         let mut byte = [0u8; 1];
         self.stream.read(&mut byte).now_or_never().is_none()
     }

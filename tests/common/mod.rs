@@ -642,6 +642,17 @@ pub async fn start(config: Config) -> Running {
     server::start(App::new(config).await.unwrap()).await.unwrap()
 }
 
+/// Waits (bounded) until every session of `running` has ended, so each has handed its
+/// upstream connection to the pool or closed it.
+pub async fn sessions_ended(running: &Running) {
+    let snap = running.app().snapshot();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while snap.live.count() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "sessions did not end");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// thassp in front of a fresh default sink.
 pub async fn proxy() -> (Running, Sink) {
     proxy_with(Behaviour::default()).await
