@@ -494,6 +494,37 @@ fn first_deciding_rule_wins_scores_add_monitor_never_acts() {
     assert_eq!(category(&o.verdict), Category::Content);
 }
 
+/// A few rules of one target run one by one, many as one set: both report the same matches,
+/// in rule order, also when several texts (subjects) are matched.
+#[test]
+fn few_and_many_rules_of_one_target_match_alike() {
+    use thassp::policy::content::EACH_MAX;
+    let m = crlf(
+        b"Subject: cheap pills\nSubject: second subject with a prize\nX-Mailer: x\n\n\
+          Hello, send bitcoin to this wallet now.\n",
+    );
+    for n in [1, 3, EACH_MAX, EACH_MAX + 1, 3 * EACH_MAX] {
+        let mut rules = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..n {
+            // Every third rule matches: alternately the first subject, the second one and the
+            // body; the others look for words the message does not have.
+            let (target, pattern) = match i % 6 {
+                0 => ("subject", "/PILLS/i"),
+                3 => ("subject", "/\\bprize$/"),
+                1 | 4 => ("body", "/send (btc|bitcoin) to/i"),
+                _ => ("body", "/\\bviagra\\b/i"),
+            };
+            if i % 6 != 2 && i % 6 != 5 {
+                expected.push(format!("r{i}"));
+            }
+            rules.push(rule(&format!("r{i}"), target, pattern, "monitor"));
+        }
+        let o = content(rules).evaluate(&m);
+        assert_eq!(o.matched, expected, "{n} rules");
+    }
+}
+
 #[test]
 fn custom_reply_and_matched_text_never_echoed() {
     let mut r = rule("pills", "subject", "/v1agra/i", "reject");
