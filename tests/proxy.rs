@@ -30,6 +30,11 @@ async fn delivers_byte_exact_with_received_header() {
     let header = String::from_utf8_lossy(&d[0].data);
     assert!(header.starts_with("Received: from client.example.net (unknown [127.0.0.1])\r\n\tby mx.thassp.test (thassp) with ESMTP id "), "{header}");
     assert!(header.contains("\tfor <b@example.com>;"), "{header}");
+    let whole = regex::Regex::new(
+        r"^Received: from client\.example\.net \(unknown \[127\.0\.0\.1\]\)\r\n\tby mx\.thassp\.test \(thassp\) with ESMTP id [0-9A-F]+\.0\r\n\tfor <b@example\.com>;\r\n\t[A-Z][a-z]{2}, \d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n[^\s]",
+    )
+    .unwrap();
+    assert!(whole.is_match(&header), "{header}");
     running.shutdown().await;
 }
 

@@ -1178,6 +1178,10 @@ fn bind_transaction<'q>(q: AnyQuery<'q>, tx: &TransactionEvent) -> AnyQuery<'q> 
 /// characters (MySQL strict mode and PostgreSQL refuse a longer value, and with it the
 /// whole batch).
 fn clip(s: &str, max: usize) -> String {
+    // Nearly every value is short and clean: copied as it is.
+    if s.len() <= max && !s.as_bytes().contains(&0) {
+        return s.to_owned();
+    }
     let mut out: String = s.chars().filter(|&c| c != '\0').take(max).collect();
     out.shrink_to_fit();
     out

@@ -374,15 +374,15 @@ impl AddressKey {
             return None;
         }
         let domain = normalize_name(addr.domain.as_deref()?);
-        let local = if addr.local_quoted {
+        let mut address = if addr.local_quoted {
             unquote_local(&addr.local)
         } else {
             addr.local.to_lowercase()
         };
-        Some(Self {
-            address: format!("{local}@{domain}"),
-            domain,
-        })
+        address.reserve(domain.len() + 1);
+        address.push('@');
+        address.push_str(&domain);
+        Some(Self { address, domain })
     }
 }
 

@@ -1859,61 +1859,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn received_header(&self) -> String {
-        let ip = self.info.peer.ip();
-        let literal = match ip {
-            std::net::IpAddr::V4(v4) => format!("[{v4}]"),
-            std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+        use std::fmt::Write as _;
+        // Built with pushes into one buffer: with `format!` per piece it cost as much as
+        // parsing the command lines of a whole transaction. Writing to a String cannot fail.
+        let mut h = String::with_capacity(256);
+        h.push_str("Received: from ");
+        for c in self.info.helo.as_deref().unwrap_or("unknown").chars() {
+            h.push(if c.is_control() || c == '(' || c == ')' {
+                '?'
+            } else {
+                c
+            });
+        }
+        // Only a forward-confirmed PTR name is written; anything else is "unknown" (as
+        // Postfix does), and no lookup is made here just for the header.
+        h.push_str(" (");
+        h.push_str(match self.facts.ptr.get() {
+            Some(crate::policy::Ptr::Confirmed(name)) => name.as_str(),
+            _ => "unknown",
+        });
+        let _ = match self.info.peer.ip() {
+            std::net::IpAddr::V4(v4) => write!(h, " [{v4}])"),
+            std::net::IpAddr::V6(v6) => write!(h, " [IPv6:{v6}])"),
         };
-        let helo: String = self
-            .info
-            .helo
-            .as_deref()
-            .unwrap_or("unknown")
-            .chars()
-            .map(|c| {
-                if c.is_control() || c == '(' || c == ')' {
-                    '?'
-                } else {
-                    c
-                }
-            })
-            .collect();
+        if let Some((version, cipher)) = &self.info.tls {
+            let _ = write!(h, "\r\n\t(using {version} with cipher {cipher})");
+        }
+        h.push_str("\r\n\tby ");
+        h.push_str(&self.info.hostname);
+        h.push_str(" (thassp) with ");
         let tx = self.tx.as_ref();
-        let utf8 = tx.is_some_and(|t| t.smtputf8);
         // RFC 3848 / RFC 6531 "with" keywords.
-        let base = match (utf8, self.info.esmtp) {
+        let base = match (tx.is_some_and(|t| t.smtputf8), self.info.esmtp) {
             (true, _) => "UTF8SMTP",
             (false, true) => "ESMTP",
             (false, false) => "SMTP",
         };
-        let tls = self.info.tls.is_some();
-        let auth = self.info.authenticated.is_some();
-        let proto = format!(
-            "{base}{}{}",
-            if tls && base != "SMTP" { "S" } else { "" },
-            if auth && base != "SMTP" { "A" } else { "" }
-        );
-        let tls_comment = match &self.info.tls {
-            Some((version, cipher)) => format!("\r\n\t(using {version} with cipher {cipher})"),
-            None => String::new(),
-        };
-        let for_clause = match tx.map(|t| t.rcpts.as_slice()) {
-            Some([only]) => format!("\r\n\tfor {only}"),
-            _ => String::new(),
-        };
-        // Only a forward-confirmed PTR name is written; anything else is "unknown" (as
-        // Postfix does), and no lookup is made here just for the header.
-        let ptr = match self.facts.ptr.get() {
-            Some(crate::policy::Ptr::Confirmed(name)) => name.as_str(),
-            _ => "unknown",
-        };
-        format!(
-            "Received: from {helo} ({ptr} {literal}){tls_comment}\r\n\tby {host} (thassp) with {proto} id {id}.{n}{for_clause};\r\n\t{date}\r\n",
-            host = self.info.hostname,
-            id = self.info.id,
-            n = self.summary.transactions,
-            date = chrono::Local::now().to_rfc2822(),
-        )
+        h.push_str(base);
+        if base != "SMTP" {
+            if self.info.tls.is_some() {
+                h.push('S');
+            }
+            if self.info.authenticated.is_some() {
+                h.push('A');
+            }
+        }
+        h.push_str(" id ");
+        h.push_str(&self.info.id);
+        let _ = write!(h, ".{}", self.summary.transactions);
+        if let Some([only]) = tx.map(|t| t.rcpts.as_slice()) {
+            h.push_str("\r\n\tfor <");
+            h.push_str(&only.raw);
+            h.push('>');
+        }
+        h.push_str(";\r\n\t");
+        h.push_str(&chrono::Local::now().to_rfc2822());
+        h.push_str("\r\n");
+        h
     }
 
     /// Client RSET/EHLO: forget the transaction; the upstream gets RSET lazily before the
@@ -1994,14 +1996,22 @@ fn queue_id(reply: &str) -> Option<String> {
 
 /// Message-ID and (when logged) the decoded Subject, from the header section only.
 fn message_id_and_subject(message: &[u8], with_subject: bool) -> (Option<String>, Option<String>) {
-    let end = message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(message.len(), |p| p + 4);
-    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(&message[..end.min(64 * 1024)]) else {
+    // Only these two fields are parsed, every other header is skipped: parsing them all
+    // (addresses, dates, Received lines) cost more than the rest of the event row.
+    static PARSER: std::sync::LazyLock<mail_parser::MessageParser> = std::sync::LazyLock::new(|| {
+        mail_parser::MessageParser::new()
+            .header_id(mail_parser::HeaderName::MessageId)
+            .header_text(mail_parser::HeaderName::Subject)
+            .default_header_ignore()
+    });
+    let end = memchr::memmem::find(message, b"\r\n\r\n").map_or(message.len(), |p| p + 4);
+    let Some(parsed) = PARSER.parse_headers(&message[..end.min(64 * 1024)]) else {
         return (None, None);
     };
     let clip = |s: &str| {
+        if s.len() <= 998 && s.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            return s.to_owned();
+        }
         s.chars()
             .filter(|c| !c.is_control())
             .take(998)
@@ -2128,4 +2138,54 @@ fn rcpt_line(to: &Address, params: &[Param], caps: &Capabilities) -> String {
     }
     line.push_str("\r\n");
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message_id_and_subject;
+
+    /// The event log's Message-ID and Subject come from a parser that skips every other field;
+    /// they must be what a full parse of the header section gives.
+    #[test]
+    fn message_id_and_subject_as_a_full_parse_gives_them() {
+        let full = |m: &[u8]| {
+            let p = mail_parser::MessageParser::new()
+                .parse_headers(m)
+                .expect("headers");
+            let clip = |s: &str| {
+                s.chars()
+                    .filter(|c| !c.is_control())
+                    .take(998)
+                    .collect::<String>()
+            };
+            (p.message_id().map(clip), p.subject().map(clip))
+        };
+        let long = format!("Subject: {}\r\n\r\n", "x".repeat(1500));
+        let messages: [&[u8]; 7] = [
+            b"Received: from a (b [192.0.2.1]) by c; Sat, 5 Dec 2026 04:00:00 +0000\r\n\
+              From: \"A, B\" <a@example.net>\r\nDate: Sat, 5 Dec 2026 04:00:00 +0000\r\n\
+              Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= aus\r\n Berlin\r\n\
+              Message-ID: <1.2@example.net>\r\n\r\nbody\r\n",
+            b"message-id:   <x@y>  (comment)\r\nsubject: tab\there and \x7f del\r\n\r\n",
+            b"Subject: first\r\nSubject: second\r\n\r\n",
+            b"Subject: no body and no empty line",
+            b"X-Other: 1\r\n\r\nSubject: in the body\r\n",
+            b"Subject: =?iso-8859-1?b?U2No9m4=?=\r\nMessage-Id: not-in-brackets@host\r\n\r\n",
+            long.as_bytes(),
+        ];
+        for m in messages {
+            let end = memchr::memmem::find(m, b"\r\n\r\n").map_or(m.len(), |p| p + 4);
+            assert_eq!(
+                message_id_and_subject(m, true),
+                full(&m[..end]),
+                "{}",
+                String::from_utf8_lossy(m)
+            );
+            assert_eq!(message_id_and_subject(m, false).1, None);
+        }
+        assert_eq!(
+            message_id_and_subject(messages[0], true),
+            (Some("1.2@example.net".into()), Some("Grüße aus Berlin".into()))
+        );
+    }
 }
