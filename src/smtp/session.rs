@@ -690,8 +690,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.live.entry.set_stage(stage);
         }
         match command {
-            Command::Helo(name) => self.handle_helo(name, false).await,
-            Command::Ehlo(name) => self.handle_helo(name, true).await,
+            // Each command's future is allocated while it runs (see `run`): the ones sent once
+            // a session, with big futures (DNS, TLS, an upstream exchange), are boxed on
+            // their own so that this future, allocated for every MAIL, RCPT and DATA, stays
+            // small.
+            Command::Helo(name) => Box::pin(self.handle_helo(name, false)).await,
+            Command::Ehlo(name) => Box::pin(self.handle_helo(name, true)).await,
             Command::Mail { from, params } => self.handle_mail(from, params).await,
             Command::Rcpt { to, params } => {
                 // Stored bare, like the sender, so a search by recipient finds it.
@@ -744,8 +748,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 });
                 Ok(())
             }
-            Command::StartTls => self.handle_starttls().await,
-            Command::Auth(arg) => self.handle_auth(arg).await,
+            Command::StartTls => Box::pin(self.handle_starttls()).await,
+            Command::Auth(arg) => Box::pin(self.handle_auth(arg)).await,
             Command::Bdat => self.error_reply(&Reply::build(502, "5.5.1", "Command not implemented here")),
             Command::Unknown(_) => self.error_reply(&Reply::build(500, "5.5.2", "Command not recognized")),
         }
@@ -1271,7 +1275,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .as_ref()
                 .is_some_and(|c| Arc::ptr_eq(&c.upstream, up) && !c.broken && !c.inside_data());
             if !reusable {
-                self.release_upstream().await;
+                // Connecting (TCP, TLS, EHLO, XCLIENT) is the big part of this future and the
+                // rare one once connections are kept: boxed, so that the future of every
+                // RCPT stays small (it is allocated per command).
+                Box::pin(self.release_upstream()).await;
                 if self.info.authenticated.is_some() {
                     // The upstream session that authenticated cannot be recreated without
                     // the credentials, which thassp never keeps.
@@ -1282,7 +1289,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     ));
                 }
                 // The first try may take a kept connection; a retry opens a new one.
-                match self.upstream_conn(up, retry).await {
+                match Box::pin(self.upstream_conn(up, retry)).await {
                     Ok(c) => self.upstream = Some(c),
                     Err(e) => return Err(self.upstream_failure(&e)),
                 }
@@ -1779,7 +1786,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Reply::build(451, "4.4.1", "Upstream mail server unavailable, try again later");
                 }
                 replayed = true;
-                if let Err(r) = self.replay_envelope().await {
+                // Rare, and as big as opening a connection: boxed (see open_upstream_transaction).
+                if let Err(r) = Box::pin(self.replay_envelope()).await {
                     return r;
                 }
             }
