@@ -1062,6 +1062,26 @@ impl Writer {
 /// At most this many bound parameters per statement (SQLite's historical limit is 999).
 const MAX_PARAMS: usize = 990;
 
+/// Splits `rows` into chunks whose lengths are powers of two, the largest that keeps
+/// `columns` × rows within [`MAX_PARAMS`] first. A multi-row INSERT is one statement per
+/// row count: with every batch length its own statement, the connection's statement cache
+/// kept missing and SQLite parsed a statement of hundreds of placeholders again for most
+/// batches (a few percent of the work per message). Now each table has at most ten shapes,
+/// prepared once.
+fn pow2_chunks<T>(rows: &[T], columns: usize) -> Vec<&[T]> {
+    let max = MAX_PARAMS / columns.max(1);
+    let largest = if max == 0 { 1 } else { 1 << max.ilog2() };
+    let mut out = Vec::new();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let n = largest.min(1 << rest.len().ilog2());
+        let (chunk, tail) = rest.split_at(n);
+        out.push(chunk);
+        rest = tail;
+    }
+    out
+}
+
 /// Writes `batch` in one database transaction, with multi-row inserts.
 async fn insert_batch(
     conn: &mut AnyConnection,
@@ -1083,7 +1103,7 @@ async fn insert_batch(
         .collect();
 
     let mut db = conn.begin().await?;
-    for chunk in connections.chunks(MAX_PARAMS / sql::CONNECTION_COLUMNS.len()) {
+    for chunk in pow2_chunks(&connections, sql::CONNECTION_COLUMNS.len()) {
         let stmt = sql::insert_sql(backend, &t.connections, sql::CONNECTION_COLUMNS, chunk.len());
         let mut q = sqlx::query(AssertSqlSafe(stmt));
         for c in chunk {
@@ -1091,7 +1111,7 @@ async fn insert_batch(
         }
         q.execute(&mut *db).await?;
     }
-    for chunk in transactions.chunks(MAX_PARAMS / sql::TRANSACTION_COLUMNS.len()) {
+    for chunk in pow2_chunks(&transactions, sql::TRANSACTION_COLUMNS.len()) {
         let stmt = sql::insert_sql(backend, &t.transactions, sql::TRANSACTION_COLUMNS, chunk.len());
         let mut q = sqlx::query(AssertSqlSafe(stmt));
         for tx in chunk {
@@ -1099,7 +1119,7 @@ async fn insert_batch(
         }
         q.execute(&mut *db).await?;
     }
-    for chunk in recipients.chunks(MAX_PARAMS / sql::RECIPIENT_COLUMNS.len()) {
+    for chunk in pow2_chunks(&recipients, sql::RECIPIENT_COLUMNS.len()) {
         let stmt = sql::insert_sql(backend, &t.recipients, sql::RECIPIENT_COLUMNS, chunk.len());
         let mut q = sqlx::query(AssertSqlSafe(stmt));
         for (tx, r) in chunk {
@@ -1207,6 +1227,29 @@ fn to_i64(n: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_split_into_power_of_two_chunks_within_the_parameter_limit() {
+        for columns in [1, 6, 18, 24, 500, 990, 2000] {
+            let max = (MAX_PARAMS / columns).max(1);
+            let mut shapes = std::collections::BTreeSet::new();
+            for n in 0..=700 {
+                let rows: Vec<usize> = (0..n).collect();
+                let chunks = pow2_chunks(&rows, columns);
+                // Every row once, in order.
+                assert_eq!(chunks.concat(), rows, "{columns} columns, {n} rows");
+                for c in &chunks {
+                    assert!(
+                        c.len().is_power_of_two() && c.len() <= max,
+                        "{columns} columns, {n} rows: {}",
+                        c.len()
+                    );
+                    shapes.insert(c.len());
+                }
+            }
+            assert!(shapes.len() <= 10, "{columns} columns: {shapes:?}");
+        }
+    }
 
     #[test]
     fn categories_round_trip() {
