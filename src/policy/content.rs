@@ -324,9 +324,11 @@ struct Builder {
     seen: std::collections::HashMap<String, String>,
     rules: Vec<Rule>,
     groups: Vec<Group>,
-    /// Per group, the sources of its linear rules and each compiled alone (kept when the
-    /// group runs them one by one, else compiled into one set at the end).
-    patterns: Vec<Vec<(String, regex::Regex)>>,
+    /// Per group, the sources of its linear rules and, while the group has at most
+    /// [`EACH_MAX`], each compiled alone (to run one by one); past that only the sources
+    /// are kept, compiled into one set at the end (a rule file of thousands would otherwise
+    /// hold every compiled rule until then).
+    patterns: Vec<Vec<(String, Option<regex::Regex>)>>,
 }
 
 impl Builder {
@@ -358,7 +360,13 @@ impl Builder {
         match linear {
             Some(re) => {
                 self.groups[g].members.push(index);
-                self.patterns[g].push((s.pattern.source.clone(), re));
+                let patterns = &mut self.patterns[g];
+                let fits = patterns.len() < EACH_MAX;
+                patterns.push((s.pattern.source.clone(), fits.then_some(re)));
+                if patterns.len() == EACH_MAX + 1 {
+                    // This target's rules will run as a set: none is needed alone.
+                    patterns.iter_mut().for_each(|(_, re)| *re = None);
+                }
             }
             None => self.groups[g].fancy.push(index),
         }
@@ -696,7 +704,9 @@ impl ContentCheck {
                 continue;
             }
             if patterns.len() <= EACH_MAX {
-                group.linear = Some(Linear::Each(patterns.into_iter().map(|(_, re)| re).collect()));
+                group.linear = Some(Linear::Each(
+                    patterns.into_iter().filter_map(|(_, re)| re).collect(),
+                ));
                 continue;
             }
             match RegexSetBuilder::new(patterns.iter().map(|(source, _)| source))
