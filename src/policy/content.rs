@@ -341,7 +341,7 @@ impl Builder {
                 format!("rule name {:?} is already used by {first}", s.name),
             ));
         }
-        let (matcher, linear) = compile(&s.pattern, self.backtrack_limit).map_err(|e| ("pattern", e))?;
+        let compiled = compile(&s.pattern, self.backtrack_limit).map_err(|e| ("pattern", e))?;
         self.seen.insert(key, origin.to_string());
         let g = match self.groups.iter().position(|g| g.target == s.target) {
             Some(g) => g,
@@ -357,8 +357,8 @@ impl Builder {
             }
         };
         let index = self.rules.len();
-        match linear {
-            Some(re) => {
+        let fancy = match compiled {
+            Matcher::Linear(re) => {
                 self.groups[g].members.push(index);
                 let patterns = &mut self.patterns[g];
                 let fits = patterns.len() < EACH_MAX;
@@ -367,9 +367,13 @@ impl Builder {
                     // This target's rules will run as a set: none is needed alone.
                     patterns.iter_mut().for_each(|(_, re)| *re = None);
                 }
+                None
             }
-            None => self.groups[g].fancy.push(index),
-        }
+            Matcher::Fancy(re) => {
+                self.groups[g].fancy.push(index);
+                Some(re)
+            }
+        };
         let text = s
             .reply
             .unwrap_or_else(|| format!("Message refused by content rule {}", s.name));
@@ -380,7 +384,7 @@ impl Builder {
                 reply: Reply::build(550, "5.7.1", text),
                 category: Category::Content,
             },
-            matcher,
+            fancy,
         });
         Ok(())
     }
@@ -463,10 +467,10 @@ fn read_limited(path: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
 }
 
-/// The engine a rule runs on.
+/// One pattern compiled for the engine it needs.
 enum Matcher {
-    /// Linear time; matched through its target's [`Linear`].
-    Linear,
+    /// Linear time; it goes to its target's [`Linear`].
+    Linear(regex::Regex),
     /// Backtracking, with a step limit.
     Fancy(fancy_regex::Regex),
 }
@@ -475,7 +479,9 @@ struct Rule {
     name: String,
     action: CheckAction,
     refusal: Refusal,
-    matcher: Matcher,
+    /// The backtracking engine of a rule that needs one; a linear rule runs in its target's
+    /// [`Linear`].
+    fancy: Option<fancy_regex::Regex>,
 }
 
 /// How the linear rules of one target run; pattern `i` is the group's rule `members[i]`.
@@ -506,11 +512,10 @@ fn linear_regex(source: &str) -> Result<regex::Regex, regex::Error> {
         .build()
 }
 
-/// Compiles one pattern: linear when the `regex` crate accepts it (the compiled regex),
-/// else backtracking.
-fn compile(pattern: &Pattern, backtrack_limit: usize) -> Result<(Matcher, Option<regex::Regex>), String> {
+/// Compiles one pattern: linear when the `regex` crate accepts it, else backtracking.
+fn compile(pattern: &Pattern, backtrack_limit: usize) -> Result<Matcher, String> {
     match linear_regex(&pattern.source) {
-        Ok(re) => Ok((Matcher::Linear, Some(re))),
+        Ok(re) => Ok(Matcher::Linear(re)),
         Err(regex::Error::CompiledTooBig(n)) => {
             Err(format!("pattern too large (compiled size over {} KiB)", n >> 10))
         }
@@ -523,7 +528,7 @@ fn compile(pattern: &Pattern, backtrack_limit: usize) -> Result<(Matcher, Option
                 .delegate_dfa_size_limit(DFA_SIZE_LIMIT)
                 .build()
             {
-                Ok(re) => Ok((Matcher::Fancy(re), None)),
+                Ok(re) => Ok(Matcher::Fancy(re)),
                 // The `regex` message is the clearer one for plain syntax errors; the fancy
                 // one when the pattern uses what only fancy-regex supports.
                 Err(fe) if linear_error.contains("look-around") || linear_error.contains("backreference") => {
@@ -870,7 +875,7 @@ impl Inner {
 
     /// Tries one backtracking rule on its target's texts, within its per-message budget.
     fn fancy_match(&self, rule: usize, texts: &Texts, group: usize, session: &str) -> bool {
-        let Matcher::Fancy(re) = &self.rules[rule].matcher else {
+        let Some(re) = &self.rules[rule].fancy else {
             return false;
         };
         let start = Instant::now();
